@@ -1,0 +1,113 @@
+"""Finding, downloading and verifying the FID-InceptionV3 weights.
+
+The canonical file is the TensorFlow 2015-12-05 graph converted by pytorch-fid; torch-fidelity serves the
+same bytes. Neither library checks a hash; we verify the SHA-256 prefix that the file name carries
+(torch.hub's convention) and record the full SHA-256 with every result, so a number is always tied to
+the exact weights that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evalfarm.errors import WeightsError
+
+WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+CANONICAL_SHA256_PREFIX = "6726825d"  #: the name's hash prefix, as `load_state_dict_from_url(check_hash=True)` checks
+WEIGHTS_URLS = (
+    "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",
+)
+DOWNLOAD_TIMEOUT_S = 60  #: per connection attempt; a firewalled cluster fails fast with instructions
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A verified weight file: where it is and what it is."""
+
+    path: Path
+    sha256: str
+
+    @property
+    def canonical(self) -> bool:
+        """True for the published file; numbers from any other file are not comparable to published FIDs."""
+        return self.sha256.startswith(CANONICAL_SHA256_PREFIX)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+_MISSING_HELP = (
+    "Download {name} from {url} on a machine with internet access, copy it here, and pass "
+    "--weights PATH or set EVALFARM_WEIGHTS=PATH."
+)
+
+
+def resolve_weights(path: str | os.PathLike | None, cache_dir: Path, *, allow_download: bool = True) -> Weights:
+    """Return the weights at `path`, or the cached canonical file, downloading it when allowed."""
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise WeightsError(
+                f"Inception weights not found at {p}. " + _MISSING_HELP.format(name=WEIGHTS_FILENAME, url=WEIGHTS_URLS[0])
+            )
+        return Weights(p, file_sha256(p))
+    cached = cache_dir / WEIGHTS_FILENAME
+    if cached.is_file():
+        return Weights(cached, file_sha256(cached))
+    if not allow_download:
+        raise WeightsError(
+            "Inception weights are not cached and downloading is disabled. "
+            + _MISSING_HELP.format(name=WEIGHTS_FILENAME, url=WEIGHTS_URLS[0])
+        )
+    return download_weights(cached)
+
+
+def download_weights(dest: Path, urls: tuple[str, ...] = WEIGHTS_URLS) -> Weights:
+    """Download to a temporary file, verify the hash prefix, then move into place atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in urls:
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+            sha = file_sha256(Path(tmp))
+            if not sha.startswith(CANONICAL_SHA256_PREFIX):
+                errors.append(f"{url}: SHA-256 {sha} does not start with {CANONICAL_SHA256_PREFIX}")
+                continue
+            os.replace(tmp, dest)
+            return Weights(dest, sha)
+        except OSError as exc:
+            errors.append(f"{url}: {exc}")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    raise WeightsError(
+        "Could not download the Inception weights (" + "; ".join(errors) + "). "
+        + _MISSING_HELP.format(name=WEIGHTS_FILENAME, url=urls[0])
+    )
+
+
+def load_state_dict(weights: Weights) -> dict[str, torch.Tensor]:
+    """Read a state dict without unpickling arbitrary objects."""
+    try:
+        state = torch.load(weights.path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{weights.path} is not a readable torch weight file: {exc}") from exc
+    if not isinstance(state, dict):
+        raise WeightsError(f"{weights.path} does not hold a state dict (found {type(state).__name__}).")
+    return state
