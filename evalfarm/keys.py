@@ -1,0 +1,14 @@
+"""Result keys. Metric keys are torch-fidelity's, so tooling written for it reads our JSON unchanged."""
+
+from __future__ import annotations
+
+KEY_IS_MEAN = "inception_score_mean"
+KEY_IS_STD = "inception_score_std"
+KEY_FID = "frechet_inception_distance"
+KEY_KID_MEAN = "kernel_inception_distance_mean"
+KEY_KID_STD = "kernel_inception_distance_std"
+
+METRIC_KEYS = (KEY_IS_MEAN, KEY_IS_STD, KEY_FID, KEY_KID_MEAN, KEY_KID_STD)
+KEYS_OF_METRIC = {"is": (KEY_IS_MEAN, KEY_IS_STD), "fid": (KEY_FID,), "kid": (KEY_KID_MEAN, KEY_KID_STD)}
+#: short names accepted by `evalfarm results --metric`
+METRIC_ALIASES = {"is": KEY_IS_MEAN, "fid": KEY_FID, "kid": KEY_KID_MEAN}
