@@ -1,0 +1,65 @@
+"""evalfarm: IS, FID and KID for large sample sets, sharded, mergeable, and equal to torch-fidelity.
+
+    >>> import evalfarm
+    >>> result = evalfarm.evaluate("samples.npz", ref="reference/", metrics=("is", "fid", "kid"))
+    >>> result[evalfarm.KEY_FID]
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from typing import Any  # noqa: E402
+
+from evalfarm.config import EvalConfig  # noqa: E402
+from evalfarm.errors import (  # noqa: E402
+    EvalfarmError,
+    JobError,
+    MetricInputError,
+    ReferenceMismatchError,
+    SourceError,
+    WeightsError,
+)
+from evalfarm.keys import KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD  # noqa: E402
+from evalfarm.settings import Settings, get_settings  # noqa: E402
+
+
+def evaluate(
+    samples: str,
+    ref: str | None = None,
+    *,
+    config: EvalConfig | None = None,
+    weights: str | None = None,
+    device: str | None = None,
+    settings: Settings | None = None,
+    progress: bool = False,
+    **config_fields: Any,
+) -> dict[str, Any]:
+    """Run a whole evaluation on this machine (embedded mode) and return the result document.
+
+    `config_fields` are `EvalConfig` fields (metrics, splits, kid_subset_size, ...), as the CLI flags.
+    """
+    from evalfarm.scheduler.local import run_local
+
+    cfg = (config or EvalConfig()).with_(**config_fields)
+    return run_local(samples, ref, cfg, settings=settings, weights=weights, device=device, progress=progress)
+
+
+__all__ = [
+    "KEY_FID",
+    "KEY_IS_MEAN",
+    "KEY_IS_STD",
+    "KEY_KID_MEAN",
+    "KEY_KID_STD",
+    "EvalConfig",
+    "EvalfarmError",
+    "JobError",
+    "MetricInputError",
+    "ReferenceMismatchError",
+    "Settings",
+    "SourceError",
+    "WeightsError",
+    "__version__",
+    "evaluate",
+    "get_settings",
+]

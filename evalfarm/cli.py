@@ -1,0 +1,230 @@
+"""`evalfarm` command line: a thin click layer over the Python API. Flags mirror `EvalConfig` fields."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from evalfarm import keys
+from evalfarm.config import DEFAULT_SEED, DEFAULT_SHARD_SIZE, EvalConfig, parse_metrics
+from evalfarm.errors import EvalfarmError
+from evalfarm.settings import get_settings
+
+SEEDED_WEIGHTS_WARNING = (
+    "WARNING: these weights are not the canonical FID-Inception file (sha256 {sha}…). The numbers below are "
+    "only comparable to numbers computed with the same file; they are not FID/IS/KID values you can publish."
+)
+
+
+def _errors(fn: Callable) -> Callable:
+    """Print evalfarm's own errors as one clear line (no traceback) and exit 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EvalfarmError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def metric_options(fn: Callable) -> Callable:
+    """The flags that define how metrics are computed, shared by `eval` and `submit`."""
+    d = EvalConfig()
+    options = [
+        click.option("--metrics", default="is,fid,kid", show_default=True, help="Comma-separated subset of is,fid,kid."),
+        click.option("--splits", type=int, default=d.splits, show_default=True, help="Inception Score splits."),
+        click.option("--kid-subsets", type=int, default=d.kid_subsets, show_default=True),
+        click.option("--kid-subset-size", type=int, default=d.kid_subset_size, show_default=True),
+        click.option("--kid-shrink", is_flag=True, help="Shrink the KID subset to the smaller set's size if needed."),
+        click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="torch-fidelity's rng_seed."),
+        click.option("--resize", type=click.Choice(["tf", "clean"]), default="tf", show_default=True,
+                     help="tf: TF1 bilinear (torch-fidelity, original TF code); clean: PIL bicubic (clean-fid)."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
+        click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True,
+                     help="Samples per shard; results do not depend on it."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="Lower precision is faster on GPUs but moves the numbers; fp32 matches the reference."),
+        click.option("--no-cache", is_flag=True, help="Neither reuse nor store cached reference statistics."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def config_from_flags(kw: dict[str, Any]) -> EvalConfig:
+    try:
+        return EvalConfig(
+            metrics=parse_metrics(kw.pop("metrics")),
+            splits=kw.pop("splits"),
+            kid_subsets=kw.pop("kid_subsets"),
+            kid_subset_size=kw.pop("kid_subset_size"),
+            kid_shrink=kw.pop("kid_shrink"),
+            seed=kw.pop("seed"),
+            resize=kw.pop("resize"),
+            batch_size=kw.pop("batch_size"),
+            shard_size=kw.pop("shard_size"),
+            precision=kw.pop("precision"),
+            cache=not kw.pop("no_cache"),
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+
+
+def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for t in tags:
+        k, sep, v = t.partition("=")
+        if not sep or not k:
+            raise click.BadParameter(f"--tag takes KEY=VALUE, got {t!r}")
+        out[k] = v
+    return out
+
+
+def format_result(result: dict[str, Any]) -> str:
+    lines = []
+    if not result.get("weights_canonical", True):
+        lines.append(SEEDED_WEIGHTS_WARNING.format(sha=result["weights_sha256"][:12]))
+    rows = [
+        ("Inception Score", keys.KEY_IS_MEAN, keys.KEY_IS_STD),
+        ("FID", keys.KEY_FID, None),
+        ("KID", keys.KEY_KID_MEAN, keys.KEY_KID_STD),
+    ]
+    for label, mean_key, std_key in rows:
+        if mean_key in result:
+            value = f"{result[mean_key]:.6g}" + (f" ± {result[std_key]:.4g}" if std_key else "")
+            lines.append(f"  {label:<16} {value}")
+    lines.append(f"  {'samples':<16} {result.get('n_samples')}   reference: {result.get('n_reference')}")
+    ips = result.get("images_per_second")
+    lines.append(
+        f"  {'featurized':<16} {result.get('images_featurized')} images"
+        + (f" at {ips:.1f} images/s" if ips else " (reference statistics reused)")
+    )
+    lines.append(f"  {'resize':<16} {result.get('resize')}   weights sha256 {result['weights_sha256'][:16]}…")
+    lines.append(f"  {'job':<16} {result.get('job_id')}")
+    return "\n".join(lines)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    with click.open_file(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+@click.group()
+@click.version_option(package_name="evalfarm")
+def main() -> None:
+    """evalfarm: IS, FID and KID for large sample sets, on one machine or a Celery farm."""
+
+
+@main.command("eval")
+@click.argument("samples")
+@click.option("--ref", help="Reference: a sample set, a named reference, or a pytorch-fid mu/sigma .npz.")
+@metric_options
+@click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local Inception weight file (env EVALFARM_WEIGHTS).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: EVALFARM_DEVICE or auto).")
+@click.option("--loader-workers", type=int, default=None, help="Decoding processes (default: cores - 1, at most 8).")
+@click.option("--json", "json_path", help="Write the result document to this file ('-' for stdout).")
+@click.option("--run", help="Run name to file the result under.")
+@click.option("--step", type=int, help="Training step / checkpoint of these samples.")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_errors
+def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | None, loader_workers: int | None,
+             json_path: str | None, run: str | None, step: int | None, tags: tuple[str, ...], quiet: bool,
+             **kw: Any) -> None:
+    """Evaluate SAMPLES on this machine (no servers needed); stores the result in the local database."""
+    from evalfarm.scheduler.local import run_local
+
+    config = config_from_flags(kw)
+    result = run_local(
+        samples, ref, config, weights=weights, device=device, run=run, step=step, tags=parse_tags(tags),
+        progress=not quiet, num_workers=loader_workers,
+    )
+    click.echo(format_result(result), err=json_path == "-")
+    if json_path:
+        write_json(json_path, result)
+
+
+@main.command("results")
+@click.option("--run", help="Only this run.")
+@click.option("--metric", default=None, help="is, fid, kid or a full result key: show one column, sorted by step.")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+@click.option("--limit", type=int, default=50, show_default=True)
+@_errors
+def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> None:
+    """List finished jobs and their metrics from the results database (EVALFARM_DATABASE_URL or local)."""
+    from evalfarm.history import query_results
+
+    rows = query_results(get_settings().db_url, run=run, metric=metric, limit=limit)
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    columns = ["job_id", "finished_at", "run", "step", *sorted({k for r in rows for k in r["metrics"]}), "samples"]
+    flat = [{**{k: r.get(k) for k in columns}, **r["metrics"]} for r in rows]
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(flat)
+        click.echo(buf.getvalue(), nl=False)
+        return
+    if not flat:
+        click.echo("no results")
+        return
+    def cell(v: Any) -> str:
+        return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else str(v)[:36])
+    widths = {c: max(len(c), *(len(cell(r.get(c))) for r in flat)) for c in columns}
+    click.echo("  ".join(c.ljust(widths[c]) for c in columns))
+    for r in flat:
+        click.echo("  ".join(cell(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+@main.group("ref")
+def ref_group() -> None:
+    """Named reference statistics, reused by name without featurizing again."""
+
+
+@ref_group.command("create")
+@click.argument("name")
+@click.argument("samples")
+@click.option("--resize", type=click.Choice(["tf", "clean"]), default="tf", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True)
+@click.option("--weights", envvar="EVALFARM_WEIGHTS")
+@click.option("--device", default=None)
+@click.option("--quiet", is_flag=True)
+@_errors
+def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size: int, weights: str | None,
+               device: str | None, quiet: bool) -> None:
+    """Featurize SAMPLES once and register the statistics as NAME (embedded run)."""
+    from evalfarm.scheduler.local import run_local
+
+    config = EvalConfig(metrics=(), resize=resize, batch_size=batch_size, shard_size=shard_size)
+    result = run_local(samples, None, config, weights=weights, device=device, kind="reference",
+                       reference_name=name, progress=not quiet)
+    click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}, "
+               f"weights {result['weights_sha256'][:16]}…")
+
+
+@ref_group.command("list")
+@_errors
+def ref_list() -> None:
+    """List named references."""
+    from evalfarm.history import list_references
+
+    for r in list_references(get_settings().db_url):
+        click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{r['weights_sha256'][:16]}\t{r['uri']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The results database: jobs, their shards, metric results and named references.
+
+Postgres in the farm, SQLite in embedded mode; the same models serve both. Postgres is the source of
+truth: Redis only carries messages and transient partials.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JOB_STATES = ("queued", "planning", "running", "reducing", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+SHARD_STATES = ("pending", "running", "done", "failed")
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    mode: Mapped[str] = mapped_column(String(16))  # embedded | farm
+    kind: Mapped[str] = mapped_column(String(16), default="eval")  # eval | reference (creates a named reference)
+    samples_uri: Mapped[str] = mapped_column(Text)
+    samples_hash: Mapped[str | None] = mapped_column(String(64))
+    reference_uri: Mapped[str | None] = mapped_column(Text)
+    reference_hash: Mapped[str | None] = mapped_column(String(64))
+    n_samples: Mapped[int | None] = mapped_column(Integer)
+    n_reference: Mapped[int | None] = mapped_column(Integer)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    run: Mapped[str | None] = mapped_column(String(200), index=True)
+    step: Mapped[int | None] = mapped_column(Integer)
+    tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """How each side is obtained (featurized shards, cached/named reference, stats file), fixed at planning."""
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.side, Shard.index", lazy="selectin")
+    results: Mapped[list[Result]] = relationship(back_populates="job", lazy="selectin")
+
+
+class Shard(Base):
+    __tablename__ = "shards"
+    __table_args__ = (UniqueConstraint("job_id", "side", "index", name="uq_shard"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    side: Mapped[str] = mapped_column(String(16))  # samples | reference
+    index: Mapped[int] = mapped_column(Integer)
+    start: Mapped[int] = mapped_column(Integer)
+    stop: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    job: Mapped[Job] = relationship(back_populates="shards")
+
+
+class Result(Base):
+    """One metric value per row, so history queries filter and sort in SQL."""
+
+    __tablename__ = "results"
+    __table_args__ = (UniqueConstraint("job_id", "name", name="uq_result"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+
+    job: Mapped[Job] = relationship(back_populates="results")
+
+
+class Reference(Base):
+    """A named reference set whose statistics are in the feature store, reused without featurizing."""
+
+    __tablename__ = "references"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    uri: Mapped[str] = mapped_column(Text)
+    content_hash: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    resize: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(Integer)
+    store_key: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,121 @@
+"""Featurizing one index range of a source: the unit of work of a shard, embedded or on a farm worker.
+
+Decoding and resizing run in DataLoader worker processes while the network runs in this one, so a
+GPU is not starved by PIL. Memory stays bounded by a few batches plus the shard's own features.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from evalfarm.errors import JobCancelled, MetricInputError, SourceError
+from evalfarm.metrics import FeatureStats, SplitStats
+from evalfarm.models import POOL3_DIM, FeatureExtractor
+from evalfarm.models.resize import INPUT_SIZE, resize_clean_bicubic, resize_tf_bilinear
+from evalfarm.sources import Source
+
+
+@dataclass
+class ShardOutput:
+    features: np.ndarray  # (n, 2048) float32, for KID
+    feature_stats: FeatureStats  # FID partial
+    split_stats: SplitStats | None  # IS partial (samples side only)
+    seconds: float
+
+    @property
+    def n(self) -> int:
+        return self.feature_stats.n
+
+
+class _Failed:
+    """A decode error carried out of a DataLoader worker, so it surfaces with its own clean message."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class _RangeDataset(Dataset):
+    def __init__(self, source: Source, start: int, stop: int, resize: str) -> None:
+        self.source, self.start, self.stop, self.resize = source, start, stop, resize
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> torch.Tensor | _Failed:
+        try:
+            image = self.source.load(self.start + i)
+        except SourceError as exc:
+            return _Failed(str(exc))
+        if self.resize == "clean":
+            return torch.from_numpy(resize_clean_bicubic(image))
+        return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def _collate(items: list[torch.Tensor | _Failed]) -> torch.Tensor | _Failed:
+    for item in items:
+        if isinstance(item, _Failed):
+            return item
+    if len({tuple(t.shape) for t in items}) == 1:
+        return torch.stack(items)
+    # Mixed sizes cannot share a batch tensor: resize each here (TF1-exact per image) in the worker.
+    return torch.cat([resize_tf_bilinear(t[None].float(), INPUT_SIZE) for t in items])
+
+
+def default_num_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def featurize_range(
+    source: Source,
+    start: int,
+    stop: int,
+    extractor: FeatureExtractor,
+    *,
+    resize: str = "tf",
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    split_ids: np.ndarray | None = None,
+    splits: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> ShardOutput:
+    """Features, FID partial and (given split ids for the range) IS partial of samples [start, stop)."""
+    t0 = time.perf_counter()
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = DataLoader(
+        _RangeDataset(source, start, stop, resize),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=extractor.device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    features = np.empty((stop - start, POOL3_DIM), np.float32)
+    fstats = FeatureStats.empty(POOL3_DIM)
+    sstats = SplitStats.empty(splits, extractor.fc_weight.shape[1]) if split_ids is not None else None
+    done = 0
+    for batch in loader:
+        if isinstance(batch, _Failed):
+            raise SourceError(batch.message)
+        if should_stop is not None and should_stop():
+            raise JobCancelled("the job was cancelled")
+        pool3 = extractor(batch)
+        n = len(pool3)
+        if not np.all(np.isfinite(pool3)):
+            bad = start + done + int(np.argwhere(~np.isfinite(pool3).all(axis=1))[0, 0])
+            raise MetricInputError(f"non-finite Inception features for {source.name_of(bad)}")
+        features[done : done + n] = pool3
+        fstats.add(pool3)
+        if sstats is not None:
+            sstats.add(extractor.logits(pool3), split_ids[done : done + n])
+        done += n
+        if on_batch is not None:
+            on_batch(n)
+    return ShardOutput(features, fstats, sstats, time.perf_counter() - t0)

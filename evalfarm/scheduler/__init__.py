@@ -1,0 +1,1 @@
+"""Planning jobs into shards, the job state machine, and the embedded runner."""

@@ -1,0 +1,53 @@
+"""Deployment settings, read once from `EVALFARM_*` environment variables.
+
+These say *where* things are (database, broker, feature store, weights); how a metric is computed lives
+in `evalfarm.config.EvalConfig` and is recorded with every job.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_HOME = Path(os.path.expanduser("~/.cache/evalfarm"))
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(f"EVALFARM_{name}")
+    return value if value not in (None, "") else default
+
+
+def _flag(name: str, default: bool) -> bool:
+    value = _env(name)
+    return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    store: str = field(default_factory=lambda: _env("STORE", str(DEFAULT_HOME / "store")))
+    """Feature store root: a local directory or any fsspec URL shared by all workers and the reducer."""
+    database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "") or "")
+    """SQLAlchemy URL; empty means an SQLite file in the evalfarm home (embedded mode)."""
+    redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    """Celery broker and the home of transient shard partials (farm mode only)."""
+    weights: str | None = field(default_factory=lambda: _env("WEIGHTS"))
+    """Local Inception weight file; unset means the canonical file, downloaded once into the home."""
+    home: str = field(default_factory=lambda: _env("HOME", str(DEFAULT_HOME)))
+    """Local state of this machine: the embedded database and the weights cache."""
+    allow_download: bool = field(default_factory=lambda: _flag("ALLOW_DOWNLOAD", True))
+    """Set EVALFARM_ALLOW_DOWNLOAD=0 on air-gapped clusters to fail fast instead of trying the network."""
+    device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{Path(self.home) / 'evalfarm.db'}"
+
+    @property
+    def weights_cache(self) -> Path:
+        return Path(self.home) / "weights"
+
+
+def get_settings() -> Settings:
+    """Settings as the environment says now (not cached: tests and workers set variables before calling)."""
+    return Settings()

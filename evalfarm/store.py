@@ -1,0 +1,84 @@
+"""The feature store: float32 features of finished shards and cached reference statistics.
+
+A local directory by default, any fsspec URL (s3://, gs://, ...) for a farm whose workers share no disk.
+Writes go to a temporary name and are renamed into place, so a reader never sees half an array and a
+shard that runs twice simply replaces its own file. Arrays are `.npy`/`.npz` bytes, never pickles.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+
+def _is_url(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+class FeatureStore:
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        if _is_url(self.root):
+            import fsspec
+
+            self.fs, self.base = fsspec.core.url_to_fs(self.root)
+        else:
+            self.fs, self.base = None, str(Path(self.root.removeprefix("file://")).expanduser())
+
+    def _path(self, key: str) -> str:
+        return f"{self.base}/{key}"
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        if self.fs is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        if self.fs is None:
+            with open(path, "rb") as f:
+                return f.read()
+        return self.fs.cat_file(path)
+
+    def exists(self, key: str) -> bool:
+        path = self._path(key)
+        return os.path.exists(path) if self.fs is None else self.fs.exists(path)
+
+    def put_array(self, key: str, array: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        self.put_bytes(key, buf.getvalue())
+
+    def get_array(self, key: str) -> np.ndarray:
+        return np.load(io.BytesIO(self.get_bytes(key)), allow_pickle=False)
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        if self.fs is None:
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+        elif self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+
+def features_key(job_id: str, side: str, shard: int) -> str:
+    return f"jobs/{job_id}/{side}/{shard:06d}.npy"
+
+
+def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
+    """Cached reference statistics are keyed by what determines them: content, weights and resize mode."""
+    return f"refs/{content_hash[:32]}-{weights_sha256[:16]}-{resize}.npz"

@@ -1,0 +1,78 @@
+"""Shared fixtures: seeded Inception weights, small seeded image sets, an isolated evalfarm home per test.
+
+The weights are random but BatchNorm-calibrated (see `evalfarm.models.synthetic`): numbers computed with
+them test the arithmetic against torch-fidelity, and are not FID values of anything.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evalfarm.models.synthetic import write_synthetic_weights
+
+N_SAMPLES = 40
+N_REFERENCE = 30
+KID_SUBSET = 20
+
+
+def write_images(folder: Path, n: int, size: int, seed: int, brightness: float) -> Path:
+    """Smooth colour fields (bicubic upsampled 4x4 noise): varied enough to give non-degenerate statistics."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(seed)
+    for i in range(n):
+        coarse = (rng.rand(4, 4, 3) * 255 * brightness).astype(np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.png")
+    return folder
+
+
+def images_as_array(folder: Path) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def weights_path(data_root: Path) -> Path:
+    return write_synthetic_weights(data_root / "synthetic-inception.pth", seed=0)
+
+
+@pytest.fixture(scope="session")
+def other_weights_path(data_root: Path) -> Path:
+    return write_synthetic_weights(data_root / "synthetic-inception-other.pth", seed=1)
+
+
+@pytest.fixture(scope="session")
+def samples_dir(data_root: Path) -> Path:
+    return write_images(data_root / "samples", N_SAMPLES, 32, seed=1, brightness=1.0)
+
+
+@pytest.fixture(scope="session")
+def reference_dir(data_root: Path) -> Path:
+    # A different size on purpose: the reference goes through the resize from another input size.
+    return write_images(data_root / "reference", N_REFERENCE, 40, seed=2, brightness=0.7)
+
+
+@pytest.fixture(autouse=True)
+def evalfarm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own database, feature store and weights cache; no network downloads."""
+    home = tmp_path / "evalfarm-home"
+    monkeypatch.setenv("EVALFARM_HOME", str(home))
+    monkeypatch.setenv("EVALFARM_STORE", str(home / "store"))
+    monkeypatch.setenv("EVALFARM_ALLOW_DOWNLOAD", "0")
+    monkeypatch.delenv("EVALFARM_DATABASE_URL", raising=False)
+    monkeypatch.delenv("EVALFARM_WEIGHTS", raising=False)
+    monkeypatch.setenv("EVALFARM_DEVICE", "cpu")
+    return home
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Two cores here: one for the network, one for decoding. Keep torch from oversubscribing.
+    os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
