@@ -203,13 +203,24 @@ def ref_group() -> None:
 @click.option("--weights", envvar="EVALFARM_WEIGHTS")
 @click.option("--device", default=None)
 @click.option("--quiet", is_flag=True)
+@click.option("--local/--farm", "local", default=None,
+              help="Where to featurize (default: the farm when EVALFARM_DATABASE_URL is set, else here).")
 @_errors
 def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size: int, weights: str | None,
-               device: str | None, quiet: bool) -> None:
-    """Featurize SAMPLES once and register the statistics as NAME (embedded run)."""
+               device: str | None, quiet: bool, local: bool | None) -> None:
+    """Featurize SAMPLES once and register the statistics as NAME."""
     from evalfarm.scheduler.local import run_local
 
     config = EvalConfig(metrics=(), resize=resize, batch_size=batch_size, shard_size=shard_size)
+    if local is False or (local is None and get_settings().database_url):
+        from evalfarm.client import Client
+
+        client = Client()
+        job_id = client.submit(samples, None, config, weights=weights, kind="reference", reference_name=name)
+        click.echo(f"creating reference {name} on the farm: job {job_id}", err=True)
+        result = client.wait(job_id)
+        click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}")
+        return
     result = run_local(samples, None, config, weights=weights, device=device, kind="reference",
                        reference_name=name, progress=not quiet)
     click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}, "
@@ -224,6 +235,124 @@ def ref_list() -> None:
 
     for r in list_references(get_settings().db_url):
         click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{r['weights_sha256'][:16]}\t{r['uri']}")
+
+
+# ---------------------------------------------------------------- the farm
+
+
+@main.command("worker")
+@click.option("--queues", default="gpu,cpu", show_default=True, help="gpu: featurization; cpu: planning, reducing.")
+@click.option("--device", default=None, help="auto (one process per GPU), cuda, cpu. Default: EVALFARM_DEVICE or auto.")
+@click.option("--concurrency", "-c", type=int, default=None, help="Processes (default: number of GPUs, or 1).")
+@click.option("--loglevel", default="info", show_default=True)
+def worker_cmd(queues: str, device: str | None, concurrency: int | None, loglevel: str) -> None:
+    """Run a farm worker on the broker at EVALFARM_REDIS_URL."""
+    import os
+
+    if device:
+        os.environ["EVALFARM_DEVICE"] = device
+    if concurrency is None:
+        concurrency = _gpu_count() if (device or get_settings().device) in ("auto", "cuda") else 1
+    from evalfarm.workers.app import app
+
+    app.worker_main([
+        "worker", "-Q", queues, "-c", str(max(1, concurrency)), "--pool", "prefork", "-E",
+        "-n", f"evalfarm-{os.getpid()}@%h", "--loglevel", loglevel,
+    ])
+
+
+def _gpu_count() -> int:
+    # Ask nvidia-smi rather than torch: initialising CUDA in the parent before the pool forks breaks the children.
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 1
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
+
+
+@main.command("flower")
+@click.option("--port", type=int, default=5555, show_default=True)
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+def flower_cmd(port: int, flower_args: tuple[str, ...]) -> None:
+    """Flower, the live view of workers and tasks (same as `celery -A evalfarm.workers.app flower`)."""
+    import os
+
+    os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "evalfarm.workers.app:app", "flower",
+                               f"--port={port}", *flower_args])
+
+
+@main.command("submit")
+@click.argument("samples")
+@click.option("--ref", help="Reference: a named reference, a sample set, or a pytorch-fid mu/sigma .npz.")
+@metric_options
+@click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Weights whose SHA-256 the job pins (workers must match).")
+@click.option("--run", help="Run name.")
+@click.option("--step", type=int, help="Training step / checkpoint.")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
+@_errors
+def submit_cmd(samples: str, ref: str | None, weights: str | None, run: str | None, step: int | None,
+               tags: tuple[str, ...], **kw: Any) -> None:
+    """Submit a job to the farm; prints the job id as the last line."""
+    from evalfarm.client import Client
+
+    job_id = Client().submit(samples, ref, config_from_flags(kw), run=run, step=step, tags=parse_tags(tags),
+                             weights=weights)
+    click.echo(f"submitted {samples}" + (f" against {ref}" if ref else ""))
+    click.echo(job_id)
+
+
+@main.command("status")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True)
+@_errors
+def status_cmd(job_id: str, as_json: bool) -> None:
+    """State, shards done/total, speed, ETA and failures of a job."""
+    from evalfarm.client import Client
+
+    st = Client().status(job_id)
+    if as_json:
+        click.echo(json.dumps(st, indent=2, default=str))
+        return
+    click.echo(f"job {st['job_id']}: {st['state']}")
+    click.echo(f"  shards {st['shards_done']}/{st['shards_total']}, images {st['images_done']}/{st['images_total']}")
+    if st["images_per_second_per_worker"]:
+        click.echo(f"  {st['images_per_second_per_worker']:.1f} images/s per worker"
+                   + (f", ETA {st['eta_seconds']:.0f} s" if st["eta_seconds"] is not None else ""))
+    for f in st["failures"]:
+        click.echo(f"  {f['side']}/{f['shard']} (attempts {f['attempts']}): {f['error']}")
+    if st["error"]:
+        click.echo(f"  error: {st['error']}")
+
+
+@main.command("wait")
+@click.argument("job_id")
+@click.option("--json", "json_path", help="Write the result document here ('-' for stdout).")
+@click.option("--timeout", type=float, default=None, help="Seconds; exit 2 if the job is still going.")
+@_errors
+def wait_cmd(job_id: str, json_path: str | None, timeout: float | None) -> None:
+    """Block until the job ends; exit 1 if it failed or was cancelled."""
+    from evalfarm.client import Client
+
+    try:
+        result = Client().wait(job_id, timeout=timeout)
+    except TimeoutError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(format_result(result), err=json_path == "-")
+    if json_path:
+        write_json(json_path, result)
+
+
+@main.command("cancel")
+@click.argument("job_id")
+@_errors
+def cancel_cmd(job_id: str) -> None:
+    """Cancel a job: queued shards are skipped, running shards stop at their next batch."""
+    from evalfarm.client import Client
+
+    click.echo(f"job {job_id}: " + ("cancelled" if Client().cancel(job_id) else "already finished"))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,12 @@ class Settings:
     allow_download: bool = field(default_factory=lambda: _flag("ALLOW_DOWNLOAD", True))
     """Set EVALFARM_ALLOW_DOWNLOAD=0 on air-gapped clusters to fail fast instead of trying the network."""
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
+    heartbeat_s: float = field(default_factory=lambda: float(_env("HEARTBEAT_S", "10")))
+    """How often a running shard refreshes its lease."""
+    lease_s: float = field(default_factory=lambda: float(_env("LEASE_S", "45")))
+    """A running shard silent this long is presumed dead (worker killed, machine lost) and requeued."""
+    reconcile_s: float = field(default_factory=lambda: float(_env("RECONCILE_S", "15")))
+    """How often one worker checks for expired leases and a restarted broker."""
 
     @property
     def db_url(self) -> str:

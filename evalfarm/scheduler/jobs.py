@@ -12,6 +12,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -143,13 +144,20 @@ def run_shard(
     batch_size: int | None = None,
     num_workers: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    lease_s: float | None = None,
 ) -> bool:
-    """Featurize one shard and record it. Returns True for the one call that makes the job ready to reduce."""
+    """Featurize one shard and record it. Returns True for the one call that makes the job ready to reduce.
+
+    With `lease_s`, a shard another worker is running (heartbeat younger than the lease) is left to it:
+    duplicate deliveries then cost nothing; a dead worker's shard is requeued once its lease expires.
+    """
     with ctx.sessions.begin() as s:
         job = s.get(Job, job_id)
         shard = s.scalar(select(Shard).where(Shard.job_id == job_id, Shard.side == side, Shard.index == index))
         if job is None or shard is None or job.state != "running" or shard.state == "done":
             return False  # cancelled, failed, finished, or a duplicate delivery of a finished shard
+        if lease_s is not None and shard.state == "running" and _age_s(shard.heartbeat_at) < lease_s:
+            return False  # alive elsewhere
         if job.weights_sha256 != extractor.weights.sha256:
             raise WeightsError(
                 f"this worker's Inception weights (sha256 {extractor.weights.sha256[:12]}…) differ from the job's "
@@ -200,6 +208,14 @@ def run_shard(
             .values(state="done", finished_at=utcnow(), seconds=output.seconds, error=None)
         )
     return _try_start_reduce(ctx, job_id)
+
+
+def _age_s(t: datetime | None) -> float:
+    if t is None:
+        return float("inf")
+    if t.tzinfo is None:  # SQLite drops the zone; we always store UTC
+        t = t.replace(tzinfo=timezone.utc)
+    return (utcnow() - t).total_seconds()
 
 
 def _try_start_reduce(ctx: Context, job_id: str) -> bool:

@@ -1,0 +1,1 @@
+"""The farm's Celery app, its thin tasks, and the Redis partial store."""
