@@ -1,0 +1,95 @@
+"""Real services and real worker processes for the farm tests (no mocks, no eager mode).
+
+Redis and Postgres must be running (127.0.0.1:6379 and :5432, database `test`; override with
+EVALFARM_TEST_REDIS_URL / EVALFARM_TEST_DATABASE_URL). Locally the farm tests skip when they are absent;
+under CI=true they fail instead, so a green CI always means the farm was exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy
+
+DATABASE_URL = os.environ.get("EVALFARM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("EVALFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+FAST_LEASES = {"EVALFARM_HEARTBEAT_S": "1", "EVALFARM_LEASE_S": "6", "EVALFARM_RECONCILE_S": "2"}
+
+
+def require_services() -> None:
+    problems = []
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"Redis at {REDIS_URL}: {exc}")
+    try:
+        url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+        with sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3}).connect() as c:
+            c.exec_driver_sql("SELECT 1")
+    except Exception as exc:  # noqa: BLE001
+        problems.append(f"Postgres at {DATABASE_URL}: {exc}")
+    if problems:
+        msg = "farm services unavailable: " + "; ".join(problems)
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def reset_services() -> None:
+    """Empty the test database's evalfarm tables and the test Redis database."""
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = sqlalchemy.create_engine(url)
+    with engine.begin() as c:
+        c.exec_driver_sql('DROP TABLE IF EXISTS results, shards, "references", jobs, alembic_version CASCADE')
+    engine.dispose()
+    from evalfarm.db import session as db_session
+
+    db_session._engines.clear()  # noqa: SLF001 - a fresh schema needs a fresh (migrating) engine
+
+
+class Worker:
+    """An `evalfarm worker` subprocess in its own process group, so a test can SIGKILL all of it."""
+
+    def __init__(self, env: dict[str, str], log: Path, queues: str = "gpu,cpu") -> None:
+        self.log_path = log
+        self.log = open(log, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "evalfarm.cli", "worker", "-c", "1", "--queues", queues, "--loglevel", "info"],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 60) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b" ready." in self.log_path.read_bytes():
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children): a machine lost mid-shard."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
