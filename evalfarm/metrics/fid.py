@@ -26,8 +26,12 @@ def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
-        raise MetricInputError(f"statistics have different dimensions: {mu1.shape} vs {mu2.shape}")
+    if (
+        mu1.shape != mu2.shape
+        or sigma1.shape != sigma2.shape
+        or sigma1.shape != (mu1.shape[-1], mu1.shape[-1])
+    ):
+        raise MetricInputError(f"statistics do not fit together: mu {mu1.shape} and {mu2.shape}, sigma {sigma1.shape} and {sigma2.shape}")
     for name, a in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.all(np.isfinite(a)):
             raise MetricInputError(f"FID statistics contain non-finite values ({name}).")
