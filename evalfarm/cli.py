@@ -345,6 +345,19 @@ def wait_cmd(job_id: str, json_path: str | None, timeout: float | None) -> None:
         write_json(json_path, result)
 
 
+@main.command("api")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8080, show_default=True)
+@_errors
+def api_cmd(host: str, port: int) -> None:
+    """Serve the JSON HTTP API (submit, status, cancel, results) for clients that do not run Python."""
+    from evalfarm.api.server import make_server
+
+    server = make_server(host, port)
+    click.echo(f"evalfarm API on http://{host}:{port}", err=True)
+    server.serve_forever()
+
+
 @main.command("cancel")
 @click.argument("job_id")
 @_errors

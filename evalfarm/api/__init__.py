@@ -1,0 +1,1 @@
+"""HTTP API of the farm: JSON over the same `Client` the CLI uses. Standard library only."""
