@@ -228,3 +228,36 @@ def test_a_worker_with_other_weights_refuses_the_shards(farm, farm_data, other_w
     job_id = client().submit(str(farm_data[0]), None, EvalConfig(metrics=("is",), splits=2))
     with pytest.raises(evalfarm.JobError, match="weights"):
         client().wait(job_id, timeout=120)
+
+
+def test_http_api_submits_reports_and_cancels(farm, farm_data):
+    import threading
+    import urllib.request
+
+    from evalfarm.api.server import make_server
+
+    server = make_server("127.0.0.1", 0, client())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def call(method: str, path: str, body: dict | None = None):
+        req = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    try:
+        status, body = call("POST", "/jobs", {"samples": str(farm_data[0]), "metrics": "is", "splits": 2, "run": "api"})
+        assert status == 202
+        job_id = body["job_id"]
+        status, body = call("GET", f"/jobs/{job_id}")
+        assert status == 200 and body["state"] == "queued"  # no worker runs in this test
+        assert call("POST", f"/jobs/{job_id}/cancel")[1]["cancelled"] is True
+        assert call("GET", f"/jobs/{job_id}")[1]["state"] == "cancelled"
+        assert call("POST", "/jobs", {"samples": "x", "metrics": "nope"})[0] == 400
+        assert call("GET", "/jobs/00000000-0000-0000-0000-000000000000")[0] == 404
+    finally:
+        server.shutdown()
