@@ -60,7 +60,11 @@ class FeatureExtractor:
         # Logits are computed here in float64 from pool3 rather than on the device: the device matmul's
         # rounding depends on the batch size, which would make IS depend on how a set was sharded.
         self.fc_weight = net.fc.weight.detach().to(torch.float64).numpy().T.copy()
-        self.net = net.to(self.device, memory_format=torch.channels_last)
+        # Channels-last speeds up oneDNN convolutions on CPU and tensor-core ones in bf16/fp16 on GPU.
+        self.memory_format = (
+            torch.channels_last if self.device.type == "cpu" or precision != "fp32" else torch.contiguous_format
+        )
+        self.net = net.to(self.device, memory_format=self.memory_format)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
@@ -69,7 +73,7 @@ class FeatureExtractor:
         x = x.float()
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = resize_tf_bilinear(x)
-        x = normalize(x).contiguous(memory_format=torch.channels_last)
+        x = normalize(x).contiguous(memory_format=self.memory_format)
         if self.precision == "fp32":
             pool3 = self.net.trunk(x).mean(dim=(2, 3))
         else:
