@@ -76,3 +76,41 @@ def evalfarm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def pytest_configure(config: pytest.Config) -> None:
     # Two cores here: one for the network, one for decoding. Keep torch from oversubscribing.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))
+
+
+# -- session-scoped evaluations, shared by test_parity.py and test_embedded.py ------------------------------------
+# The autouse `evalfarm_home` above is per test; a session fixture must bring its own home.
+
+
+def evaluate_in_home(home: Path, samples: str, ref: str | None, **kwargs: object) -> dict:
+    """`evalfarm.evaluate` with EVALFARM_HOME/STORE pointing at `home` (for session/module-scoped fixtures)."""
+    import evalfarm
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EVALFARM_HOME", str(home))
+        mp.setenv("EVALFARM_STORE", str(home / "store"))
+        mp.setenv("EVALFARM_ALLOW_DOWNLOAD", "0")
+        mp.delenv("EVALFARM_DATABASE_URL", raising=False)
+        mp.delenv("EVALFARM_WEIGHTS", raising=False)
+        mp.setenv("EVALFARM_DEVICE", "cpu")
+        return evalfarm.evaluate(samples, ref, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def shared_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One evalfarm home for the session fixtures; its feature store caches the reference of the parity run."""
+    return tmp_path_factory.mktemp("shared-evalfarm-home")
+
+
+@pytest.fixture(scope="session")
+def parity_result(shared_home: Path, samples_dir: Path, reference_dir: Path, weights_path: Path) -> dict:
+    """evalfarm on samples_dir vs reference_dir, shard size 16 (70 images featurized, once per session)."""
+    return evaluate_in_home(
+        shared_home,
+        str(samples_dir),
+        str(reference_dir),
+        weights=str(weights_path),
+        kid_subset_size=KID_SUBSET,
+        kid_subsets=10,
+        shard_size=16,
+    )
