@@ -25,7 +25,7 @@ from evalfarm.errors import JobError, SourceError, WeightsError
 from evalfarm.metrics import split_assignment
 from evalfarm.models import FeatureExtractor
 from evalfarm.models.weights import CANONICAL_SHA256_PREFIX
-from evalfarm.pipeline import SideStats, compute_metrics, featurize_range
+from evalfarm.pipeline import SideStats, compute_metrics, featurize_range, kid_subset_size
 from evalfarm.references import StoredReference, load_cached, load_stats_file
 from evalfarm.scheduler.partials import PartialStore
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES, check_sizes, plan_reference, plan_samples
@@ -395,6 +395,11 @@ def _result_document(job: Job, config: EvalConfig, values: dict[str, float], sha
         "weights_canonical": job.weights_sha256.startswith(CANONICAL_SHA256_PREFIX),
         "resize": config.resize,
         "settings": config.to_dict(),
+        **(
+            {"kid_subset_size_used": kid_subset_size(config, job.n_samples, job.n_reference)}
+            if keys.KEY_KID_MEAN in values
+            else {}
+        ),
         "images_featurized": featurized,
         "featurize_seconds": wall,
         "images_per_second": featurized / wall if wall > 0 else None,
