@@ -265,18 +265,24 @@ def cancel_job(ctx: Context, job_id: str) -> bool:
 
 
 def _load_side(ctx: Context, job: Job, side: str, shards: list[Shard], need_features: bool) -> SideStats | list[int]:
-    """Merged statistics of a featurized side, or the indices of shards whose partials were lost."""
-    outputs, missing = [], []
+    """Merged statistics of a featurized side, or the indices of shards whose partials were lost.
+
+    Partials are summed as they are read, in shard order, so memory holds one Gram at a time, not K.
+    """
+    fstats, sstats, features, missing = None, None, [], []
     for sh in sorted((x for x in shards if x.side == side), key=lambda x: x.index):
         out = ctx.partials.get(job.id, side, sh.index, features=need_features)
-        (missing.append(sh.index) if out is None else outputs.append(out))
+        if out is None:
+            missing.append(sh.index)
+            continue
+        fstats = out.feature_stats if fstats is None else fstats + out.feature_stats
+        if out.split_stats is not None:
+            sstats = out.split_stats if sstats is None else sstats + out.split_stats
+        if need_features:
+            features.append(out.features)
     if missing:
         return missing
-    return SideStats.from_partials(
-        [o.feature_stats for o in outputs],
-        [o.split_stats for o in outputs if o.split_stats is not None],
-        [o.features for o in outputs] if need_features else (),
-    )
+    return SideStats.from_partials([fstats], [sstats] if sstats is not None else [], features)
 
 
 def reduce_job(ctx: Context, job_id: str) -> dict[str, Any] | list[tuple[str, int]]:
