@@ -7,13 +7,11 @@ shard that runs twice simply replaces its own file. Arrays are `.npy`/`.npz` byt
 
 from __future__ import annotations
 
-import io
 import os
+import shutil
 import tempfile
 import uuid
 from pathlib import Path
-
-import numpy as np
 
 
 def _is_url(root: str) -> bool:
@@ -57,26 +55,12 @@ class FeatureStore:
         path = self._path(key)
         return os.path.exists(path) if self.fs is None else self.fs.exists(path)
 
-    def put_array(self, key: str, array: np.ndarray) -> None:
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-        self.put_bytes(key, buf.getvalue())
-
-    def get_array(self, key: str) -> np.ndarray:
-        return np.load(io.BytesIO(self.get_bytes(key)), allow_pickle=False)
-
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
         if self.fs is None:
-            import shutil
-
             shutil.rmtree(path, ignore_errors=True)
         elif self.fs.exists(path):
             self.fs.rm(path, recursive=True)
-
-
-def features_key(job_id: str, side: str, shard: int) -> str:
-    return f"jobs/{job_id}/{side}/{shard:06d}.npy"
 
 
 def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:

@@ -151,7 +151,8 @@ def featurize_shard(self, job_id: str, side: str, index: int) -> None:  # noqa: 
                              "(its worker died each time: out of memory?)", final=True)
         return
     with ctx.sessions() as s:
-        precision = (s.get(Job, job_id).config or {}).get("precision", "fp32") if s.get(Job, job_id) else "fp32"
+        job = s.get(Job, job_id)
+        precision = job.config.get("precision", "fp32") if job else "fp32"
     beat = _Heartbeat(job_id, side, index)
     beat.start()
     try:
