@@ -264,6 +264,15 @@ def test_trace_sqrt_product_matches_torch_fidelity_for_rank_deficient_covariance
     assert rel_err(frechet_distance(mu1, s1, mu2, s2), fid) < 1e-6
 
 
+def test_trace_sqrt_product_is_symmetric_when_only_one_covariance_is_full_rank() -> None:
+    rng = np.random.RandomState(17)
+    x = pool3_like(rng, 20, 64)
+    small, full = np.cov(x, rowvar=False), random_spd(rng, 64)
+    expected = torch_fidelity_trace_sqrt(small, full)
+    assert rel_err(trace_sqrt_product(small, full), expected) < 1e-8
+    assert rel_err(trace_sqrt_product(full, small), expected) < 1e-8
+
+
 def test_frechet_distance_equals_torch_fidelity() -> None:
     rng = np.random.RandomState(14)
     x1 = pool3_like(rng, 500, 64).astype(np.float32)
@@ -436,3 +445,4 @@ def test_frechet_distance_rejects_a_mean_that_does_not_fit_its_covariance():
     mu, sigma = np.zeros(64), np.eye(32)
     with pytest.raises(MetricInputError, match="do not fit"):
         frechet_distance(mu, sigma, mu, sigma)
+
