@@ -34,7 +34,8 @@ from evalfarm.metrics import (
     trace_sqrt_product,
 )
 from evalfarm.metrics.kid import polynomial_mmd2
-from evalfarm.pipeline.reduce import SideStats, compute_metrics
+from evalfarm.pipeline import ShardOutput
+from evalfarm.pipeline.reduce import SideMerge, SideStats, compute_metrics
 
 SEED = 2020  # torch-fidelity's default rng_seed
 SPLITS = 10
@@ -446,3 +447,26 @@ def test_frechet_distance_rejects_a_mean_that_does_not_fit_its_covariance():
     with pytest.raises(MetricInputError, match="do not fit"):
         frechet_distance(mu, sigma, mu, sigma)
 
+
+def test_side_merge_of_shard_outputs_equals_statistics_of_all_samples() -> None:
+    rng = np.random.RandomState(31)
+    x = pool3_like(rng, 90, 32).astype(np.float32)
+    logits = logits_like(rng, 90)
+    splits = split_assignment(90, 3, SEED)
+    merge = SideMerge(keep_features=True)
+    for lo, hi in ((0, 25), (25, 26), (26, 90)):
+        merge.add(ShardOutput(x[lo:hi], FeatureStats.of(x[lo:hi]), SplitStats.of(logits[lo:hi], splits[lo:hi], 3), 0.0))
+    merged = merge.result()
+    whole = SideStats.from_partials([FeatureStats.of(x)], [SplitStats.of(logits, splits, 3)], [x])
+    assert merged.n == 90
+    np.testing.assert_allclose(merged.mu, whole.mu, rtol=1e-12)
+    np.testing.assert_allclose(merged.sigma, whole.sigma, rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(merged.features, x)
+    np.testing.assert_allclose(inception_score(merged.split_stats), inception_score(whole.split_stats), rtol=1e-12)
+
+
+def test_side_merge_without_keep_features_holds_no_features() -> None:
+    x = pool3_like(np.random.RandomState(32), 10, 8)
+    merge = SideMerge(keep_features=False)
+    merge.add(ShardOutput(x, FeatureStats.of(x), None, 0.0))
+    assert merge.result().features is None

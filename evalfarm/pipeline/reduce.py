@@ -17,6 +17,7 @@ from evalfarm.metrics import (
     inception_score,
     kernel_inception_distance,
 )
+from evalfarm.pipeline.featurize import ShardOutput
 
 
 @dataclass
@@ -49,6 +50,28 @@ class SideStats:
             split_stats=_sum(split_stats) if split_stats else None,
             feature_stats=fs,
         )
+
+
+class SideMerge:
+    """Sums shard outputs as they are read, in shard order, so memory holds one Gram at a time, not K."""
+
+    def __init__(self, *, keep_features: bool) -> None:
+        self.keep_features = keep_features
+        self._fs: FeatureStats | None = None
+        self._ss: SplitStats | None = None
+        self._features: list[np.ndarray] = []
+
+    def add(self, out: ShardOutput) -> None:
+        self._fs = out.feature_stats if self._fs is None else self._fs + out.feature_stats
+        if out.split_stats is not None:
+            self._ss = out.split_stats if self._ss is None else self._ss + out.split_stats
+        if self.keep_features:
+            self._features.append(out.features)
+
+    def result(self) -> SideStats:
+        if self._fs is None:
+            raise MetricInputError("no shard outputs to merge")
+        return SideStats.from_partials([self._fs], [self._ss] if self._ss is not None else [], self._features)
 
 
 def _sum(parts: Sequence):  # noqa: ANN202 - FeatureStats or SplitStats

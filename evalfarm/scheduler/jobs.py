@@ -25,7 +25,7 @@ from evalfarm.errors import JobError, SourceError, WeightsError
 from evalfarm.metrics import split_assignment
 from evalfarm.models import FeatureExtractor
 from evalfarm.models.weights import CANONICAL_SHA256_PREFIX
-from evalfarm.pipeline import SideStats, compute_metrics, featurize_range, kid_subset_size
+from evalfarm.pipeline import SideMerge, SideStats, compute_metrics, featurize_range, kid_subset_size
 from evalfarm.references import StoredReference, load_cached, load_stats_file
 from evalfarm.scheduler.partials import PartialStore
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES, check_sizes, plan_reference, plan_samples
@@ -265,24 +265,15 @@ def cancel_job(ctx: Context, job_id: str) -> bool:
 
 
 def _load_side(ctx: Context, job: Job, side: str, shards: list[Shard], need_features: bool) -> SideStats | list[int]:
-    """Merged statistics of a featurized side, or the indices of shards whose partials were lost.
-
-    Partials are summed as they are read, in shard order, so memory holds one Gram at a time, not K.
-    """
-    fstats, sstats, features, missing = None, None, [], []
+    """Merged statistics of a featurized side, or the indices of shards whose partials were lost."""
+    merge, missing = SideMerge(keep_features=need_features), []
     for sh in sorted((x for x in shards if x.side == side), key=lambda x: x.index):
         out = ctx.partials.get(job.id, side, sh.index, features=need_features)
         if out is None:
             missing.append(sh.index)
-            continue
-        fstats = out.feature_stats if fstats is None else fstats + out.feature_stats
-        if out.split_stats is not None:
-            sstats = out.split_stats if sstats is None else sstats + out.split_stats
-        if need_features:
-            features.append(out.features)
-    if missing:
-        return missing
-    return SideStats.from_partials([fstats], [sstats] if sstats is not None else [], features)
+        elif not missing:
+            merge.add(out)
+    return missing or merge.result()
 
 
 def reduce_job(ctx: Context, job_id: str) -> dict[str, Any] | list[tuple[str, int]]:
