@@ -14,8 +14,17 @@ from evalfarm.errors import MetricInputError
 
 def _kernel(a: np.ndarray, b: np.ndarray, gamma: float, coef0: float, degree: int) -> np.ndarray:
     # The products run in the features' dtype (float32: fast BLAS, as torch-fidelity computes them);
-    # the cube and the sums, where cancellation happens, run in float64.
-    return ((a @ b.T).astype(np.float64) * gamma + coef0) ** degree
+    # the power and the sums, where cancellation happens, run in float64. The power is repeated
+    # multiplication: `** 3` on a float64 array calls pow() per element and costs as much as the product.
+    if degree < 1:
+        raise ValueError(f"polynomial kernel degree must be at least 1; got {degree}")
+    base = (a @ b.T).astype(np.float64)
+    base *= gamma
+    base += coef0
+    k = base.copy()
+    for _ in range(degree - 1):
+        k *= base
+    return k
 
 
 def polynomial_mmd2(x: np.ndarray, y: np.ndarray, degree: int = 3, coef0: float = 1.0) -> float:
