@@ -75,7 +75,7 @@ def main() -> None:
         ex = FeatureExtractor(w, "cuda", precision)
         if fmt is not None:
             ex.memory_format = fmt
-            ex.net.to(memory_format=fmt)
+            ex.trunk.to(memory_format=fmt)
             precision += " channels-last"
         ips, feats = timed(ex, x, args.batch)
         fid = fid_halves(feats)

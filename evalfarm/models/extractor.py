@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from evalfarm.errors import WeightsError
+from evalfarm.models.fused import FusedTrunk
 from evalfarm.models.inception import FIDInceptionV3
 from evalfarm.models.resize import INPUT_SIZE, normalize, resize_tf_bilinear
 from evalfarm.models.weights import Weights, load_state_dict
@@ -64,7 +65,8 @@ class FeatureExtractor:
         self.memory_format = (
             torch.channels_last if self.device.type == "cpu" or precision != "fp32" else torch.contiguous_format
         )
-        self.net = net.to(self.device, memory_format=self.memory_format)
+        # The same function with BatchNorm folded and shared-input 1x1 convolutions merged (models/fused.py).
+        self.trunk = FusedTrunk(net).to(self.device, memory_format=self.memory_format)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
@@ -75,10 +77,10 @@ class FeatureExtractor:
             x = resize_tf_bilinear(x)
         x = normalize(x).contiguous(memory_format=self.memory_format)
         if self.precision == "fp32":
-            pool3 = self.net.trunk(x).mean(dim=(2, 3))
+            pool3 = self.trunk(x).mean(dim=(2, 3))
         else:
             with torch.autocast(self.device.type, dtype=PRECISIONS[self.precision]):
-                pool3 = self.net.trunk(x).float().mean(dim=(2, 3))
+                pool3 = self.trunk(x).float().mean(dim=(2, 3))
         return pool3.float().cpu().numpy()
 
     def logits(self, pool3: np.ndarray) -> np.ndarray:
