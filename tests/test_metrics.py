@@ -25,6 +25,7 @@ from evalfarm import keys
 from evalfarm.config import EvalConfig
 from evalfarm.errors import MetricInputError
 from evalfarm.metrics import (
+    FeatureAccumulator,
     FeatureStats,
     SplitStats,
     frechet_distance,
@@ -91,13 +92,22 @@ def test_feature_stats_merge_equals_stats_of_concatenation_in_any_grouping() -> 
     assert_feature_stats_close(right, whole, rtol=1e-12)
 
 
-def test_feature_stats_add_accumulates_like_merge() -> None:
+def test_feature_accumulator_batch_by_batch_equals_stats_of_all_rows() -> None:
     rng = np.random.RandomState(1)
-    a, b = pool3_like(rng, 11, 16), pool3_like(rng, 13, 16)
-    acc = FeatureStats.empty(16)
+    a, b = pool3_like(rng, 11, 16).astype(np.float32), pool3_like(rng, 13, 16).astype(np.float32)
+    acc = FeatureAccumulator(16)
     acc.add(a)
     acc.add(b)
-    assert_feature_stats_close(acc, FeatureStats.of(np.concatenate([a, b])), rtol=1e-12)
+    acc.add(b[:0])  # an empty batch adds nothing
+    assert_feature_stats_close(acc.stats(), FeatureStats.of(np.concatenate([a, b])), rtol=1e-12)
+
+
+def test_feature_accumulator_gram_is_exactly_symmetric_and_c_ordered() -> None:
+    acc = FeatureAccumulator(12)
+    acc.add(pool3_like(np.random.RandomState(6), 9, 12))
+    gram = acc.stats().gram
+    np.testing.assert_array_equal(gram, gram.T)
+    assert gram.flags["C_CONTIGUOUS"]
 
 
 def test_feature_stats_mean_and_cov_equal_numpy_float64() -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from evalfarm.errors import JobCancelled, MetricInputError, SourceError
-from evalfarm.metrics import FeatureStats, SplitStats
+from evalfarm.metrics import FeatureAccumulator, FeatureStats, SplitStats
 from evalfarm.models import POOL3_DIM, FeatureExtractor
 from evalfarm.models.resize import INPUT_SIZE, resize_clean_bicubic, resize_tf_bilinear
 from evalfarm.sources import Source
@@ -98,7 +98,7 @@ def featurize_range(
         prefetch_factor=4 if workers else None,
     )
     features = np.empty((stop - start, POOL3_DIM), np.float32)
-    fstats = FeatureStats.empty(POOL3_DIM)
+    fstats = FeatureAccumulator(POOL3_DIM)
     sstats = SplitStats.empty(splits, extractor.fc_weight.shape[1]) if split_ids is not None else None
     done = 0
     for batch in loader:
@@ -118,4 +118,4 @@ def featurize_range(
         done += n
         if on_batch is not None:
             on_batch(n)
-    return ShardOutput(features, fstats, sstats, time.perf_counter() - t0)
+    return ShardOutput(features, fstats.stats(), sstats, time.perf_counter() - t0)
