@@ -41,31 +41,34 @@ class _Failed:
         self.message = message
 
 
-class _RangeDataset(Dataset):
-    def __init__(self, source: Source, start: int, stop: int, resize: str) -> None:
-        self.source, self.start, self.stop, self.resize = source, start, stop, resize
+class _BatchDataset(Dataset):
+    """Item b is batch b of the range, read with one `Source.read` (one slice for array sources).
+
+    Whole batches, not images, cross the worker boundary: no per-image tensor, copy or collate call.
+    A same-size batch is returned as an NHWC array viewed as NCHW, which is already the channels-last
+    layout the CPU network runs in.
+    """
+
+    def __init__(self, source: Source, start: int, stop: int, batch_size: int, resize: str) -> None:
+        self.source, self.start, self.stop, self.batch_size, self.resize = source, start, stop, batch_size, resize
 
     def __len__(self) -> int:
-        return self.stop - self.start
+        return -(-(self.stop - self.start) // self.batch_size)
 
-    def __getitem__(self, i: int) -> torch.Tensor | _Failed:
+    def __getitem__(self, b: int) -> torch.Tensor | _Failed:
+        lo = self.start + b * self.batch_size
         try:
-            image = self.source.load(self.start + i)
+            images = self.source.read(lo, min(self.stop, lo + self.batch_size))
         except SourceError as exc:
             return _Failed(str(exc))
         if self.resize == "clean":
-            return torch.from_numpy(resize_clean_bicubic(image))
-        return torch.from_numpy(image).permute(2, 0, 1).contiguous()
-
-
-def _collate(items: list[torch.Tensor | _Failed]) -> torch.Tensor | _Failed:
-    for item in items:
-        if isinstance(item, _Failed):
-            return item
-    if len({tuple(t.shape) for t in items}) == 1:
-        return torch.stack(items)
-    # Mixed sizes cannot share a batch tensor: resize each here (TF1-exact per image) in the worker.
-    return torch.cat([resize_tf_bilinear(t[None].float(), INPUT_SIZE) for t in items])
+            return torch.from_numpy(np.stack([resize_clean_bicubic(im) for im in images]))
+        if len({im.shape for im in images}) == 1:
+            return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
+        # Mixed sizes cannot share a batch tensor: resize each here (TF1-exact per image) in the worker.
+        return torch.cat(
+            [resize_tf_bilinear(torch.from_numpy(im).permute(2, 0, 1)[None].float(), INPUT_SIZE) for im in images]
+        )
 
 
 def default_num_workers() -> int:
@@ -90,10 +93,9 @@ def featurize_range(
     t0 = time.perf_counter()
     workers = default_num_workers() if num_workers is None else num_workers
     loader = DataLoader(
-        _RangeDataset(source, start, stop, resize),
-        batch_size=batch_size,
+        _BatchDataset(source, start, stop, batch_size, resize),
+        batch_size=None,
         num_workers=workers,
-        collate_fn=_collate,
         pin_memory=extractor.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
