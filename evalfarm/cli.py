@@ -132,7 +132,7 @@ def main() -> None:
 @metric_options
 @click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local Inception weight file (env EVALFARM_WEIGHTS).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: EVALFARM_DEVICE or auto).")
-@click.option("--loader-workers", type=int, default=None, help="Decoding processes (default: cores - 1, at most 8).")
+@click.option("--loader-workers", type=int, default=None, help="Decoding processes (default: EVALFARM_LOADER_WORKERS, else cores - 1, at most 8).")
 @click.option("--json", "json_path", help="Write the result document to this file ('-' for stdout).")
 @click.option("--run", help="Run name to file the result under.")
 @click.option("--step", type=int, help="Training step / checkpoint of these samples.")
@@ -244,19 +244,29 @@ def ref_list() -> None:
 @click.option("--queues", default="gpu,cpu", show_default=True, help="gpu: featurization; cpu: planning, reducing.")
 @click.option("--device", default=None, help="auto (one process per GPU), cuda, cpu. Default: EVALFARM_DEVICE or auto.")
 @click.option("--concurrency", "-c", type=int, default=None, help="Processes (default: number of GPUs, or 1).")
+@click.option("--loader-workers", type=int, default=None,
+              help="Decode processes per worker process. Default: EVALFARM_LOADER_WORKERS, else the spare cores "
+                   "shared out among the worker processes.")
 @click.option("--loglevel", default="info", show_default=True)
-def worker_cmd(queues: str, device: str | None, concurrency: int | None, loglevel: str) -> None:
+def worker_cmd(queues: str, device: str | None, concurrency: int | None, loader_workers: int | None,
+               loglevel: str) -> None:
     """Run a farm worker on the broker at EVALFARM_REDIS_URL."""
     import os
+
+    from evalfarm.pipeline.featurize import default_num_workers
 
     if device:
         os.environ["EVALFARM_DEVICE"] = device
     if concurrency is None:
         concurrency = _gpu_count() if (device or get_settings().device) in ("auto", "cuda") else 1
+    concurrency = max(1, concurrency)
+    if loader_workers is None:
+        loader_workers = get_settings().loader_workers or default_num_workers(concurrency)
+    os.environ["EVALFARM_LOADER_WORKERS"] = str(loader_workers)  # the pool's children read their settings
     from evalfarm.workers.app import app
 
     app.worker_main([
-        "worker", "-Q", queues, "-c", str(max(1, concurrency)), "--pool", "prefork", "-E",
+        "worker", "-Q", queues, "-c", str(concurrency), "--pool", "prefork", "-E",
         "-n", f"evalfarm-{os.getpid()}@%h", "--loglevel", loglevel,
     ])
 

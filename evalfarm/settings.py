@@ -23,6 +23,10 @@ def _flag(name: str, default: bool) -> bool:
     return default if value is None else value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _optional_int(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
 @dataclass(frozen=True)
 class Settings:
     store: str = field(default_factory=lambda: _env("STORE", str(DEFAULT_HOME / "store")))
@@ -38,6 +42,9 @@ class Settings:
     allow_download: bool = field(default_factory=lambda: _flag("ALLOW_DOWNLOAD", True))
     """Set EVALFARM_ALLOW_DOWNLOAD=0 on air-gapped clusters to fail fast instead of trying the network."""
     device: str = field(default_factory=lambda: _env("DEVICE", "auto"))
+    loader_workers: int | None = field(default_factory=lambda: _optional_int(_env("LOADER_WORKERS")))
+    """DataLoader decode processes per featurizing process; unset: the cores left over, shared out (see
+    `evalfarm.pipeline.featurize.default_num_workers`)."""
     heartbeat_s: float = field(default_factory=lambda: float(_env("HEARTBEAT_S", "10")))
     """How often a running shard refreshes its lease."""
     lease_s: float = field(default_factory=lambda: float(_env("LEASE_S", "45")))

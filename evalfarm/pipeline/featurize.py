@@ -71,8 +71,11 @@ class _BatchDataset(Dataset):
         )
 
 
-def default_num_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+def default_num_workers(processes: int = 1) -> int:
+    """Decode processes for each of `processes` featurizing processes on this machine: the cores not
+    running them, shared out, at most 8 each (one Celery child per GPU must not oversubscribe the host)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return max(1, min(8, (cores - processes) // max(1, processes)))
 
 
 def featurize_range(

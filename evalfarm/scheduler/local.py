@@ -69,7 +69,11 @@ def run_local(
         extractor = FeatureExtractor(w, device or settings.device, config.precision) if todo else None
         with tqdm(total=sum(shards.values()), unit="img", desc="featurizing", disable=not progress) as bar:
             for side, index in todo:
-                run_shard(ctx, job_id, side, index, extractor, num_workers=num_workers, on_batch=bar.update)
+                run_shard(
+                    ctx, job_id, side, index, extractor,
+                    num_workers=num_workers if num_workers is not None else settings.loader_workers,
+                    on_batch=bar.update,
+                )
         result = reduce_job(ctx, job_id)
         if not isinstance(result, dict):
             raise JobError(f"job {job_id} did not finish: {load_job(ctx, job_id).error or 'unknown state'}")

@@ -157,7 +157,8 @@ def featurize_shard(self, job_id: str, side: str, index: int) -> None:  # noqa: 
     beat.start()
     try:
         ready = run_shard(
-            ctx, job_id, side, index, extractor(precision), worker=worker_name(), lease_s=get_settings().lease_s
+            ctx, job_id, side, index, extractor(precision), worker=worker_name(), lease_s=get_settings().lease_s,
+            num_workers=get_settings().loader_workers,
         )
     except JobCancelled:
         return
