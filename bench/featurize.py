@@ -288,6 +288,54 @@ def network_only(report: Report, extractor: Any, device: str) -> float:
     return report.figure("featurize.network_only.evalfarm.images_per_s", BATCH_SIZE / seconds, "images/s")
 
 
+def input_pipeline(report: Report, root: Path, w: Workload) -> None:
+    """What the decode side can feed a network: evalfarm's DataLoader alone (default workers, no network).
+
+    On a CPU the network is slower than this by orders of magnitude; on a GPU it must stay above the model's
+    images/s or the GPU waits. Also times the host-side statistics of one batch, which run between forward
+    passes: FeatureAccumulator's in-place syrk against the plain `gram += x.T @ x` it replaced.
+    """
+    import numpy as np
+    import torch
+
+    from evalfarm.metrics import FeatureAccumulator, SplitStats
+    from evalfarm.pipeline.featurize import _BatchDataset, default_num_workers
+    from evalfarm.sources import open_source
+
+    path = root / "images" / "input-32.npz"
+    if not path.exists():
+        np.savez(path, arr_0=np.random.default_rng(7).integers(0, 256, (8192, 32, 32, 3), dtype=np.uint8))
+    workers = default_num_workers()
+    for label, uri in (("npz32", str(path)), (w.b.label, str(w.b.folder))):
+        source = open_source(uri)
+        loader = torch.utils.data.DataLoader(
+            _BatchDataset(source, 0, len(source), BATCH_SIZE, "tf"), batch_size=None, num_workers=workers,
+            prefetch_factor=4,
+        )
+        with timed() as t:
+            n = sum(len(batch) for batch in loader)
+        report.figure(f"featurize.input_pipeline.{label}.images_per_s", n / t[0], "images/s")
+    rng = np.random.default_rng(8)
+    pool3 = np.abs(rng.standard_normal((BATCH_SIZE, 2048), dtype=np.float32))
+    fc = rng.standard_normal((2048, 1008))
+    acc, gram = FeatureAccumulator(2048), np.zeros((2048, 2048))
+    splits, split_ids = SplitStats.empty(SPLITS, 1008), rng.integers(0, SPLITS, BATCH_SIZE)
+
+    def plain_gram() -> None:
+        nonlocal gram
+        x = pool3.astype(np.float64)
+        gram += x.T @ x
+
+    for name, fn in (
+        ("gram_syrk", lambda: acc.add(pool3)),
+        ("gram_plain_matmul", plain_gram),
+        ("logits_and_is_sums", lambda: splits.add(pool3.astype(np.float64) @ fc, split_ids)),
+    ):
+        fn()
+        report.figure(f"featurize.host_stats.{name}_ms_per_batch", 1e3 * best_of(fn, 5), "ms")
+    report.note(f"host statistics per batch of {BATCH_SIZE}: they run between forward passes on the host CPU")
+
+
 def report_ratios(report: Report, tp: Throughput, w: Workload) -> None:
     for s in w.sets:
         for peer in ("torch_fidelity", "pytorch_fid"):
@@ -383,6 +431,7 @@ def run(
     tp = measure_throughput(report, w, nets, weights, device)
     report_ratios(report, tp, w)
     net_ips = network_only(report, nets["evalfarm"], device)
+    input_pipeline(report, root, w)
     report_ceiling(report, tp, w, device, net_ips)
     del nets
     settings = evalfarm_settings(root / "evalfarm-home", weights, device)
