@@ -196,14 +196,28 @@ def delete_jobs(client: Any, job_ids: list[str]) -> None:
 # ---------------------------------------------------------------------------------------------- the section
 
 
+WARM_BATCH = 64  #: the job's batch size: CPU convolution kernels are built per batch shape, on first use
+
+
+def warm_samples(root: Path) -> Any:
+    """Two full batches of 32x32 PNGs: a warm-up job of two shards gives each of two workers a full batch."""
+    import featurize
+    from common import write_image_set
+
+    folder = root / "images" / "warm-farm-png32"
+    if not folder.is_dir():
+        write_image_set(folder, 2 * WARM_BATCH, 32, "png", seed=5)
+    return featurize.ImageSet("warm-farm-png32", folder, 2 * WARM_BATCH)
+
+
 def embedded_baseline(report: Report, w: Any, root: Path, weights: Path) -> float:
-    """The same job embedded (`evaluate`), warmed up on the tiny sets first; plus pure featurization."""
+    """The same job embedded (`evaluate`), after the farm's warm-up job run embedded; plus pure featurization."""
     import featurize
 
     from evalfarm.db import session_factory
 
     settings = featurize.evalfarm_settings(root / "farm-embedded-home", weights, "cpu")
-    featurize.evalfarm_evaluate(w, w.warm_a, w.warm_b, settings)
+    featurize.evalfarm_evaluate(w, warm_samples(root), w.warm_b, settings)
     t = {"submit_start": time.time()}
     result, t_embedded = featurize.evalfarm_evaluate(w, w.a, w.b, settings)
     t["done"] = time.time()
@@ -221,13 +235,13 @@ def farm_runs(report: Report, w: Any, root: Path, weights: Path, env: dict[str, 
 
     client = Client()
     config = EvalConfig(metrics=("is", "fid"), cache=False, batch_size=64)
-    warm_config = config.with_(shard_size=5)
+    warm_config = config.with_(shard_size=WARM_BATCH)
     job_ids: list[str] = []
     try:
         for count in (1, 2):
             with workers(count, env, OUT_DIR / "farm-logs"):
-                # Warm-up: every worker loads its network and opens its DataLoader once (4 small shards).
-                job_ids.append(submit_and_wait(client, w.warm_a.folder, w.warm_b.folder, warm_config)[0])
+                # Warm-up, as the embedded run had: every worker loads its network and runs full batches once.
+                job_ids.append(submit_and_wait(client, warm_samples(root).folder, w.warm_b.folder, warm_config)[0])
                 job_id, t = submit_and_wait(client, w.a.folder, w.b.folder, config)
                 job_ids.append(job_id)
                 prefix = f"farm.w{count}"

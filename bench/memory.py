@@ -2,11 +2,12 @@
 
 Each measurement runs in a fresh subprocess (this file, run with `worker` or `reducer`), so `ru_maxrss` is
 the peak of that N alone. A worker featurizing one shard must stay flat in N (only the shard's own
-features, 8 KiB per image, grow); the reducer's IS/FID merge should not depend on N either, but evalfarm
-loads all K = N / shard_size partials before summing, so it is measured against a streaming merge.
+features, 8 KiB per image, grow); the reducer's IS/FID merge must not depend on N either: evalfarm sums
+the K = N / shard_size partials as it reads them (`SideMerge`). Loading all K first, as evalfarm did
+before, is measured beside it.
 
     python bench/memory.py worker --npz FILE --n N --weights FILE [--device cpu] [--batch-size 64]
-    python bench/memory.py reducer --n N --shard-size S [--streaming]
+    python bench/memory.py reducer --n N --shard-size S [--load-all]
 """
 
 from __future__ import annotations
@@ -69,13 +70,14 @@ def _one_partial(rng: np.random.Generator, base_gram: np.ndarray, rows: int) -> 
     return fs, ss
 
 
-def child_reducer(n: int, shard_size: int, streaming: bool) -> dict:
+def child_reducer(n: int, shard_size: int, load_all: bool) -> dict:
     """The samples side of an IS/FID reduce over K = ceil(n / shard_size) partials (features not loaded).
 
-    evalfarm's `_load_side` fetches every shard's partial into a list and then `SideStats.from_partials`
-    sums them; `streaming` instead adds each partial as it arrives and drops it.
+    By default as `reduce_job` does it: each partial is added to a `SideMerge` as it arrives and dropped.
+    `load_all` holds every partial in a list first, then sums them (the scheme `SideMerge` replaced).
     """
     from evalfarm.metrics import inception_score
+    from evalfarm.pipeline import ShardOutput, SideMerge
     from evalfarm.pipeline.reduce import SideStats
 
     rng = np.random.default_rng(0)
@@ -83,17 +85,18 @@ def child_reducer(n: int, shard_size: int, streaming: bool) -> dict:
     base_gram = x.T @ x
     del x
     k = math.ceil(n / shard_size)
+    no_features = np.empty((0, DIM), np.float32)
     baseline = peak_rss_mib()
     t0 = time.perf_counter()
-    if streaming:
-        total_f, total_s = _one_partial(rng, base_gram, shard_size)
-        for _ in range(k - 1):
-            f, s = _one_partial(rng, base_gram, shard_size)
-            total_f, total_s = total_f + f, total_s + s
-        side = SideStats.from_partials([total_f], [total_s])
-    else:
+    if load_all:
         parts = [_one_partial(rng, base_gram, shard_size) for _ in range(k)]
         side = SideStats.from_partials([p[0] for p in parts], [p[1] for p in parts])
+    else:
+        merge = SideMerge(keep_features=False)
+        for _ in range(k):
+            f, s = _one_partial(rng, base_gram, shard_size)
+            merge.add(ShardOutput(no_features, f, s, 0.0))
+        side = merge.result()
     inception_score(side.split_stats)
     return {"n": n, "k": k, "seconds": time.perf_counter() - t0, "baseline_rss_mib": baseline,
             "peak_rss_mib": peak_rss_mib()}
@@ -108,12 +111,12 @@ def child_main(argv: list[str]) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=SHARD_SIZE)
-    p.add_argument("--streaming", action="store_true")
+    p.add_argument("--load-all", action="store_true")
     a = p.parse_args(argv)
     if a.mode == "worker":
         result = child_worker(a.npz, a.n, a.weights, a.device, a.batch_size)
     else:
-        result = child_reducer(a.n, a.shard_size, a.streaming)
+        result = child_reducer(a.n, a.shard_size, a.load_all)
     print(json.dumps(result))
     return 0
 
@@ -156,9 +159,9 @@ def bench_worker(report: Report, root: Path, weights: Path, device: str, quick: 
 
 def bench_reducer(report: Report, quick: bool) -> None:
     ns = (10_000, 20_000, 40_000) if quick else (50_000, 100_000, 200_000)
-    report.note(f"reducer: IS/FID merge of the samples side, shard size {SHARD_SIZE}, evalfarm's load-all-then-sum "
-                "vs a streaming sum (FID's eigen step adds a constant, see section 2)")
-    for how, flag in (("evalfarm", ()), ("streaming", ("--streaming",))):
+    report.note(f"reducer: IS/FID merge of the samples side, shard size {SHARD_SIZE}: evalfarm's streaming SideMerge "
+                "vs loading every partial first (the scheme it replaced); FID's eigen step adds a constant (section 2)")
+    for how, flag in (("evalfarm", ()), ("load_all", ("--load-all",))):
         peaks = []
         for n in ns:
             r = run_child("reducer", "--n", str(n), "--shard-size", str(SHARD_SIZE), *flag)

@@ -55,6 +55,7 @@ TARGETS = (
     ("farm 1 worker <= 1.10x embedded", "farm.w1.ratio_over_embedded", "<=", 1.10, "x"),
     ("FID eigen >= 10x faster than sqrtm", "reducer.fid.speedup_eigen_over_sqrtm", ">=", 10.0, "x"),
     ("worker RSS flat in N (max/min <= 1.10)", "memory.worker.rss_max_over_min", "<=", 1.10, "x"),
+    ("reducer RSS flat in N (max/min <= 1.10)", "memory.reducer.evalfarm.rss_max_over_min", "<=", 1.10, "x"),
 )
 
 
