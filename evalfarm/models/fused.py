@@ -24,6 +24,7 @@ from evalfarm.models.inception import (
     InceptionC,
     InceptionD,
     InceptionE,
+    _tf_avg_pool,
 )
 
 
@@ -72,22 +73,38 @@ class Chain(nn.Module):
         return x
 
 
-def _tf_avg_pool(x: torch.Tensor) -> torch.Tensor:
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+class FusedPoolBlock(nn.Module):
+    """Mixed_5x (InceptionA) and Mixed_6b–e (InceptionC): a 1×1 branch, two conv chains, an average-pool branch.
 
+    The four branches' first 1×1 convolutions run as one wide convolution; the chains continue from it.
+    """
 
-class FusedA(nn.Module):
-    def __init__(self, b: InceptionA) -> None:
+    def __init__(self, heads: list[BasicConv2d], chain1: list[BasicConv2d], chain2: list[BasicConv2d]) -> None:
         super().__init__()
-        self.head, self.widths = fold_wide([b.branch1x1, b.branch5x5_1, b.branch3x3dbl_1, b.branch_pool])
-        self.b5 = Chain([b.branch5x5_2])
-        self.b3 = Chain([b.branch3x3dbl_2, b.branch3x3dbl_3])
+        self.head, self.widths = fold_wide(heads)
+        self.chain1, self.chain2 = Chain(chain1), Chain(chain2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h5, h3, hp = self.head(x).split(self.widths, dim=1)
+        h1, hc, hd, hp = self.head(x).split(self.widths, dim=1)
         return torch.cat(
-            [F.relu(h1), self.b5(F.relu(h5)), self.b3(F.relu(h3)), F.relu(_tf_avg_pool(hp), inplace=True)], 1
+            [F.relu(h1), self.chain1(F.relu(hc)), self.chain2(F.relu(hd)), F.relu(_tf_avg_pool(hp), inplace=True)], 1
         )
+
+
+def fused_a(b: InceptionA) -> FusedPoolBlock:
+    return FusedPoolBlock(
+        [b.branch1x1, b.branch5x5_1, b.branch3x3dbl_1, b.branch_pool],
+        [b.branch5x5_2],
+        [b.branch3x3dbl_2, b.branch3x3dbl_3],
+    )
+
+
+def fused_c(b: InceptionC) -> FusedPoolBlock:
+    return FusedPoolBlock(
+        [b.branch1x1, b.branch7x7_1, b.branch7x7dbl_1, b.branch_pool],
+        [b.branch7x7_2, b.branch7x7_3],
+        [b.branch7x7dbl_2, b.branch7x7dbl_3, b.branch7x7dbl_4, b.branch7x7dbl_5],
+    )
 
 
 class FusedB(nn.Module):
@@ -98,20 +115,6 @@ class FusedB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.b3(x), self.b3dbl(x), F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class FusedC(nn.Module):
-    def __init__(self, b: InceptionC) -> None:
-        super().__init__()
-        self.head, self.widths = fold_wide([b.branch1x1, b.branch7x7_1, b.branch7x7dbl_1, b.branch_pool])
-        self.b7 = Chain([b.branch7x7_2, b.branch7x7_3])
-        self.b7dbl = Chain([b.branch7x7dbl_2, b.branch7x7dbl_3, b.branch7x7dbl_4, b.branch7x7dbl_5])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h1, h7, hd, hp = self.head(x).split(self.widths, dim=1)
-        return torch.cat(
-            [F.relu(h1), self.b7(F.relu(h7)), self.b7dbl(F.relu(hd)), F.relu(_tf_avg_pool(hp), inplace=True)], 1
-        )
 
 
 class FusedD(nn.Module):
@@ -148,7 +151,7 @@ class FusedE(nn.Module):
         return torch.cat([F.relu(h[0]), self.b3a(s), self.b3b(s), self.da(d), self.db(d), pool], 1)
 
 
-_FUSED = {InceptionA: FusedA, InceptionB: FusedB, InceptionC: FusedC, InceptionD: FusedD, InceptionE: FusedE}
+_FUSED = {InceptionA: fused_a, InceptionB: FusedB, InceptionC: fused_c, InceptionD: FusedD, InceptionE: FusedE}
 
 
 class FusedTrunk(nn.Module):
