@@ -117,8 +117,7 @@ def evalfarm_featurize(image_set: ImageSet, extractor: Any, device: str, with_is
 def evalfarm_fid(out_a: Any, out_b: Any) -> float:
     from evalfarm.metrics import frechet_distance
 
-    fa, fb = out_a.feature_stats, out_b.feature_stats
-    return frechet_distance(fa.mean(), fa.cov(), fb.mean(), fb.cov())
+    return frechet_distance(out_a.mean(), out_a.cov(), out_b.mean(), out_b.cov())
 
 
 def evalfarm_evaluate(w: Workload, a: ImageSet, b: ImageSet, settings: Any, precision: str = "fp32") -> tuple[dict, float]:
@@ -293,12 +292,12 @@ def input_pipeline(report: Report, root: Path, w: Workload) -> None:
 
     On a CPU the network is slower than this by orders of magnitude; on a GPU it must stay above the model's
     images/s or the GPU waits. Also times the host-side statistics of one batch, which run between forward
-    passes: FeatureAccumulator's in-place syrk against the plain `gram += x.T @ x` it replaced.
+    passes: FeatureStats.add's in-place syrk against the plain `gram += x.T @ x` it replaced.
     """
     import numpy as np
     import torch
 
-    from evalfarm.metrics import FeatureAccumulator, SplitStats
+    from evalfarm.metrics import FeatureStats
     from evalfarm.pipeline.featurize import _BatchDataset, default_num_workers
     from evalfarm.sources import open_source
 
@@ -318,8 +317,9 @@ def input_pipeline(report: Report, root: Path, w: Workload) -> None:
     rng = np.random.default_rng(8)
     pool3 = np.abs(rng.standard_normal((BATCH_SIZE, 2048), dtype=np.float32))
     fc = rng.standard_normal((2048, 1008))
-    acc, gram = FeatureAccumulator(2048), np.zeros((2048, 2048))
-    splits, split_ids = SplitStats.empty(SPLITS, 1008), rng.integers(0, SPLITS, BATCH_SIZE)
+    acc, gram = FeatureStats.new(2048, keep_features=False), np.zeros((2048, 2048))
+    splits, split_ids = FeatureStats.new(1, splits=SPLITS, classes=1008), rng.integers(0, SPLITS, BATCH_SIZE)
+    no_rows = np.zeros((BATCH_SIZE, 1))
 
     def plain_gram() -> None:
         nonlocal gram
@@ -329,7 +329,7 @@ def input_pipeline(report: Report, root: Path, w: Workload) -> None:
     for name, fn in (
         ("gram_syrk", lambda: acc.add(pool3)),
         ("gram_plain_matmul", plain_gram),
-        ("logits_and_is_sums", lambda: splits.add(pool3.astype(np.float64) @ fc, split_ids)),
+        ("logits_and_is_sums", lambda: splits.add(no_rows, pool3.astype(np.float64) @ fc, split_ids)),
     ):
         fn()
         report.figure(f"featurize.host_stats.{name}_ms_per_batch", 1e3 * best_of(fn, 5), "ms")
@@ -384,7 +384,7 @@ def lower_precisions(report: Report, w: Workload, weights: Path, device: str, tp
     from evalfarm.metrics import inception_score
 
     fid32 = evalfarm_fid(tp.outputs[("evalfarm", w.a.label)], tp.outputs[("evalfarm", w.b.label)])
-    is32 = inception_score(tp.outputs[("evalfarm", w.a.label)].split_stats)[0]
+    is32 = inception_score(tp.outputs[("evalfarm", w.a.label)])[0]
     fp32_ips = tp.total_ips("evalfarm", w.sets)
     for precision in ("bf16", "fp16"):
         ex = evalfarm_extractor(weights, device, precision)
@@ -394,7 +394,7 @@ def lower_precisions(report: Report, w: Workload, weights: Path, device: str, tp
         report.figure(f"featurize.both.evalfarm_{precision}.speedup_over_fp32", ips / fp32_ips, "x")
         report.figure(f"metrics.evalfarm_{precision}.fid_rel_dev_vs_fp32", relative_difference(evalfarm_fid(out_a, out_b), fid32))
         report.figure(f"metrics.evalfarm_{precision}.is_mean_rel_dev_vs_fp32",
-                      relative_difference(inception_score(out_a.split_stats)[0], is32))
+                      relative_difference(inception_score(out_a)[0], is32))
 
 
 def configure_cuda() -> None:

@@ -3,7 +3,7 @@
 Each measurement runs in a fresh subprocess (this file, run with `worker` or `reducer`), so `ru_maxrss` is
 the peak of that N alone. A worker featurizing one shard must stay flat in N (only the shard's own
 features, 8 KiB per image, grow); the reducer's IS/FID merge must not depend on N either: evalfarm sums
-the K = N / shard_size partials as it reads them (`SideMerge`). Loading all K first, as evalfarm did
+the K = N / shard_size partials as it reads them (`merge_in_order`). Loading all K first, as evalfarm did
 before, is measured beside it.
 
     python bench/memory.py worker --npz FILE --n N --weights FILE [--device cpu] [--batch-size 64]
@@ -62,42 +62,38 @@ def child_worker(npz: str, n: int, weights: str, device: str, batch_size: int) -
     }
 
 
-def _one_partial(rng: np.random.Generator, base_gram: np.ndarray, rows: int) -> tuple:
-    from evalfarm.metrics import FeatureStats, SplitStats
+def _one_partial(rng: np.random.Generator, base_gram: np.ndarray, rows: int) -> object:
+    """A shard's statistics as the store returns them: FID sums (a fresh 32 MiB Gram) and IS split sums."""
+    from evalfarm.metrics import FeatureStats
 
-    fs = FeatureStats(rows, rng.random(DIM) * rows, base_gram.copy())
-    ss = SplitStats.of(rng.standard_normal((64, CLASSES)) * 3, rng.integers(0, SPLITS, 64), SPLITS)
-    return fs, ss
+    split = FeatureStats.of(np.zeros((64, 1)), rng.standard_normal((64, CLASSES)) * 3, rng.integers(0, SPLITS, 64),
+                            SPLITS, keep_features=False)
+    return FeatureStats(rows, rng.random(DIM) * rows, base_gram.copy(), split_n=split.split_n, split_p=split.split_p,
+                        split_plogp=split.split_plogp)
 
 
 def child_reducer(n: int, shard_size: int, load_all: bool) -> dict:
     """The samples side of an IS/FID reduce over K = ceil(n / shard_size) partials (features not loaded).
 
-    By default as `reduce_job` does it: each partial is added to a `SideMerge` as it arrives and dropped.
-    `load_all` holds every partial in a list first, then sums them (the scheme `SideMerge` replaced).
+    By default as `reduce_job` does it: each partial is summed by `merge_in_order` as it arrives and dropped.
+    `load_all` holds every partial in a list first, then sums them (the scheme the streaming merge replaced).
     """
     from evalfarm.metrics import inception_score
-    from evalfarm.pipeline import ShardOutput, SideMerge
-    from evalfarm.pipeline.reduce import SideStats
+    from evalfarm.pipeline import merge_in_order
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((DIM + 64, DIM))
     base_gram = x.T @ x
     del x
     k = math.ceil(n / shard_size)
-    no_features = np.empty((0, DIM), np.float32)
     baseline = peak_rss_mib()
     t0 = time.perf_counter()
     if load_all:
         parts = [_one_partial(rng, base_gram, shard_size) for _ in range(k)]
-        side = SideStats.from_partials([p[0] for p in parts], [p[1] for p in parts])
+        side = merge_in_order(parts)
     else:
-        merge = SideMerge(keep_features=False)
-        for _ in range(k):
-            f, s = _one_partial(rng, base_gram, shard_size)
-            merge.add(ShardOutput(no_features, f, s, 0.0))
-        side = merge.result()
-    inception_score(side.split_stats)
+        side = merge_in_order(_one_partial(rng, base_gram, shard_size) for _ in range(k))
+    inception_score(side)
     return {"n": n, "k": k, "seconds": time.perf_counter() - t0, "baseline_rss_mib": baseline,
             "peak_rss_mib": peak_rss_mib()}
 
@@ -159,7 +155,7 @@ def bench_worker(report: Report, root: Path, weights: Path, device: str, quick: 
 
 def bench_reducer(report: Report, quick: bool) -> None:
     ns = (10_000, 20_000, 40_000) if quick else (50_000, 100_000, 200_000)
-    report.note(f"reducer: IS/FID merge of the samples side, shard size {SHARD_SIZE}: evalfarm's streaming SideMerge "
+    report.note(f"reducer: IS/FID merge of the samples side, shard size {SHARD_SIZE}: evalfarm's streaming merge_in_order "
                 "vs loading every partial first (the scheme it replaced); FID's eigen step adds a constant (section 2)")
     for how, flag in (("evalfarm", ()), ("load_all", ("--load-all",))):
         peaks = []

@@ -1,6 +1,6 @@
 """Section 2: the reducer's math on synthetic features (no network, no services).
 
-- merging K shard partials (FID sums and IS split sums) as the reducer does (`SideMerge`, streaming);
+- merging K shard partials (FID sums and IS split sums) as the reducer does (`merge_in_order`, streaming);
 - tr((Σ1Σ2)^½) by evalfarm's Cholesky + `eigvalsh` route vs `scipy.linalg.sqrtm` (pytorch-fid's route) and vs
   torch-fidelity's `eigvals(Σ1Σ2)`, on full-rank 2048x2048 covariances;
 - KID (100 subsets of 1000) on N x 2048 float32 features, evalfarm (float32 products, float64 kernel sums)
@@ -41,15 +41,14 @@ def feature_model(seed: int, n: int, scale_jitter: float) -> np.ndarray:
     return (z @ basis.T + own.random(DIM)).astype(np.float32)
 
 
-def base_partials(seed: int, scale_jitter: float) -> tuple[object, object]:
-    """One shard's FID partial (of 2x2048 feature rows: full rank) and IS partial."""
-    from evalfarm.metrics import FeatureStats, SplitStats
+def base_partials(seed: int, scale_jitter: float) -> object:
+    """One shard's statistics: FID sums of 2x2048 feature rows (full rank) and IS split sums, no rows kept."""
+    from evalfarm.metrics import FeatureStats
 
-    fs = FeatureStats.of(feature_model(seed, 2 * DIM, scale_jitter))
     rng = np.random.default_rng(seed)
     logits = rng.standard_normal((2 * DIM, CLASSES)) * 3
-    ss = SplitStats.of(logits, rng.integers(0, SPLITS, 2 * DIM), SPLITS)
-    return fs, ss
+    return FeatureStats.of(feature_model(seed, 2 * DIM, scale_jitter), logits, rng.integers(0, SPLITS, 2 * DIM),
+                           SPLITS, keep_features=False)
 
 
 def step_start() -> float:
@@ -65,29 +64,24 @@ def report_peak(report: Report, prefix: str, start_mib: float) -> None:
 
 
 def bench_merge(report: Report, ks: tuple[int, ...]) -> tuple[object, object]:
-    """Time the reducer's streaming merge (`SideMerge`, as `reduce_job` uses it) of K partials read from disk."""
+    """Time the reducer's streaming merge (`merge_in_order`, as `reduce_job` uses it) of K partials read from disk."""
     from evalfarm.metrics import FeatureStats
-    from evalfarm.pipeline import ShardOutput, SideMerge, SideStats
+    from evalfarm.pipeline import merge_in_order
 
-    fs, ss = base_partials(seed=1, scale_jitter=0.0)
-    no_features = np.empty((0, DIM), np.float32)
+    part = base_partials(seed=1, scale_jitter=0.0)
     merged = None
     with tempfile.TemporaryDirectory() as tmp:
-        gram_file = Path(tmp) / "gram.npy"
-        np.save(gram_file, fs.gram)
+        stats_file = Path(tmp) / "stats.npz"
+        stats_file.write_bytes(part.to_bytes())
         for k in ks:
             start = step_start()
             with timed() as t:
-                merge = SideMerge(keep_features=False)
-                for _ in range(k):  # each shard's Gram is a fresh read, as the partial store returns it
-                    shard_fs = FeatureStats(fs.n, fs.sum.copy(), np.load(gram_file))
-                    merge.add(ShardOutput(no_features, shard_fs, ss, 0.0))
-                merged = merge.result()
+                # each shard's statistics are a fresh read and decode, as the partial store returns them
+                merged = merge_in_order(FeatureStats.from_bytes(stats_file.read_bytes()) for _ in range(k))
             report.figure(f"reducer.merge.K{k}.seconds", t[0], "s")
             report_peak(report, f"reducer.merge.K{k}", start)
     report.note("merge reads each shard's 32 MiB Gram from disk (page cache) and sums it at once: peak flat in K")
-    fs2, ss2 = base_partials(seed=2, scale_jitter=0.5)
-    return merged, SideStats.from_partials([fs2], [ss2])
+    return merged, base_partials(seed=2, scale_jitter=0.5)
 
 
 def fid_by_sqrtm(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -112,7 +106,7 @@ def bench_fid(report: Report, a: object, b: object, repeats: int) -> None:
     """Best of `repeats` per route; the eigen route runs `repeats` times before and after sqrtm."""
     from evalfarm.metrics import frechet_distance
 
-    args = (a.mu, a.sigma, b.mu, b.sigma)
+    args = (a.mean(), a.cov(), b.mean(), b.cov())
     times: list[float] = []
 
     def eigen() -> float:

@@ -7,12 +7,11 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from typing import Any
 
-from typing import Any  # noqa: E402
-
-from evalfarm.config import EvalConfig  # noqa: E402
-from evalfarm.errors import (  # noqa: E402
+from evalfarm._version import __version__
+from evalfarm.config import EvalConfig
+from evalfarm.errors import (
     EvalfarmError,
     JobError,
     MetricInputError,
@@ -20,8 +19,8 @@ from evalfarm.errors import (  # noqa: E402
     SourceError,
     WeightsError,
 )
-from evalfarm.keys import KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD  # noqa: E402
-from evalfarm.settings import Settings, get_settings  # noqa: E402
+from evalfarm.keys import KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD
+from evalfarm.settings import Settings, get_settings
 
 
 def evaluate(
@@ -39,10 +38,10 @@ def evaluate(
 
     `config_fields` are `EvalConfig` fields (metrics, splits, kid_subset_size, ...), as the CLI flags.
     """
-    from evalfarm.scheduler.local import run_local
+    from evalfarm.scheduler.embedded import run_embedded
 
     cfg = (config or EvalConfig()).with_(**config_fields)
-    return run_local(samples, ref, cfg, settings=settings, weights=weights, device=device, progress=progress)
+    return run_embedded(samples, ref, cfg, settings=settings, weights=weights, device=device, progress=progress)
 
 
 __all__ = [

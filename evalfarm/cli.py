@@ -143,10 +143,10 @@ def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | N
              json_path: str | None, run: str | None, step: int | None, tags: tuple[str, ...], quiet: bool,
              **kw: Any) -> None:
     """Evaluate SAMPLES on this machine (no servers needed); stores the result in the local database."""
-    from evalfarm.scheduler.local import run_local
+    from evalfarm.scheduler.embedded import run_embedded
 
     config = config_from_flags(kw)
-    result = run_local(
+    result = run_embedded(
         samples, ref, config, weights=weights, device=device, run=run, step=step, tags=parse_tags(tags),
         progress=not quiet, num_workers=loader_workers,
     )
@@ -163,9 +163,10 @@ def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | N
 @_errors
 def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> None:
     """List finished jobs and their metrics from the results database (EVALFARM_DATABASE_URL or local)."""
-    from evalfarm.history import query_results
+    from evalfarm.db import session_factory
+    from evalfarm.scheduler.queries import query_results
 
-    rows = query_results(get_settings().db_url, run=run, metric=metric, limit=limit)
+    rows = query_results(session_factory(get_settings().db_url), run=run, metric=metric, limit=limit)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -200,7 +201,7 @@ def ref_group() -> None:
 @click.option("--resize", type=click.Choice(["tf", "clean"]), default="tf", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True)
-@click.option("--weights", envvar="EVALFARM_WEIGHTS")
+@click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local weight file, for --local (the farm uses its workers' weights).")
 @click.option("--device", default=None)
 @click.option("--quiet", is_flag=True)
 @click.option("--local/--farm", "local", default=None,
@@ -209,19 +210,19 @@ def ref_group() -> None:
 def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size: int, weights: str | None,
                device: str | None, quiet: bool, local: bool | None) -> None:
     """Featurize SAMPLES once and register the statistics as NAME."""
-    from evalfarm.scheduler.local import run_local
+    from evalfarm.scheduler.embedded import run_embedded
 
     config = EvalConfig(metrics=(), resize=resize, batch_size=batch_size, shard_size=shard_size)
     if local is False or (local is None and get_settings().database_url):
         from evalfarm.client import Client
 
         client = Client()
-        job_id = client.submit(samples, None, config, weights=weights, kind="reference", reference_name=name)
+        job_id = client.submit(samples, None, config, kind=keys.JOB_REFERENCE, reference_name=name)
         click.echo(f"creating reference {name} on the farm: job {job_id}", err=True)
         result = client.wait(job_id)
         click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}")
         return
-    result = run_local(samples, None, config, weights=weights, device=device, kind="reference",
+    result = run_embedded(samples, None, config, weights=weights, device=device, kind=keys.JOB_REFERENCE,
                        reference_name=name, progress=not quiet)
     click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}, "
                f"weights {result['weights_sha256'][:16]}…")
@@ -231,9 +232,10 @@ def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size
 @_errors
 def ref_list() -> None:
     """List named references."""
-    from evalfarm.history import list_references
+    from evalfarm.db import session_factory
+    from evalfarm.scheduler.queries import list_references
 
-    for r in list_references(get_settings().db_url):
+    for r in list_references(session_factory(get_settings().db_url)):
         click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{r['weights_sha256'][:16]}\t{r['uri']}")
 
 
@@ -297,18 +299,19 @@ def flower_cmd(port: int, flower_args: tuple[str, ...]) -> None:
 @click.argument("samples")
 @click.option("--ref", help="Reference: a named reference, a sample set, or a pytorch-fid mu/sigma .npz.")
 @metric_options
-@click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Weights whose SHA-256 the job pins (workers must match).")
+@click.option("--weights-sha256", help="Require the farm to hold the weights with this SHA-256 (default: the job is "
+              "pinned to whatever weights the farm's workers hold).")
 @click.option("--run", help="Run name.")
 @click.option("--step", type=int, help="Training step / checkpoint.")
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
 @_errors
-def submit_cmd(samples: str, ref: str | None, weights: str | None, run: str | None, step: int | None,
+def submit_cmd(samples: str, ref: str | None, weights_sha256: str | None, run: str | None, step: int | None,
                tags: tuple[str, ...], **kw: Any) -> None:
     """Submit a job to the farm; prints the job id as the last line."""
     from evalfarm.client import Client
 
     job_id = Client().submit(samples, ref, config_from_flags(kw), run=run, step=step, tags=parse_tags(tags),
-                             weights=weights)
+                             weights_sha256=weights_sha256)
     click.echo(f"submitted {samples}" + (f" against {ref}" if ref else ""))
     click.echo(job_id)
 

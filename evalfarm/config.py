@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from evalfarm.models.resize import RESIZE_MODES
-
 METRICS = ("is", "fid", "kid")
+RESIZE_MODES = ("tf", "clean")  #: tf: TF1 bilinear (torch-fidelity); clean: PIL bicubic (clean-fid)
 DEFAULT_SEED = 2020  #: torch-fidelity's rng_seed: IS split shuffling and KID subset draws
 DEFAULT_SHARD_SIZE = 5000  #: ~minutes per shard on one GPU; keeps redelivery cheap and partials few
 

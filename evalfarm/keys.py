@@ -1,4 +1,5 @@
-"""Result keys. Metric keys are torch-fidelity's, so tooling written for it reads our JSON unchanged."""
+"""Names shared across the tree. Metric keys are torch-fidelity's, so tooling written for it reads our JSON
+unchanged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ KEY_KID_MEAN = "kernel_inception_distance_mean"
 KEY_KID_STD = "kernel_inception_distance_std"
 
 METRIC_KEYS = (KEY_IS_MEAN, KEY_IS_STD, KEY_FID, KEY_KID_MEAN, KEY_KID_STD)
-KEYS_OF_METRIC = {"is": (KEY_IS_MEAN, KEY_IS_STD), "fid": (KEY_FID,), "kid": (KEY_KID_MEAN, KEY_KID_STD)}
 #: short names accepted by `evalfarm results --metric`
 METRIC_ALIASES = {"is": KEY_IS_MEAN, "fid": KEY_FID, "kid": KEY_KID_MEAN}
+
+#: job kinds: evaluate a sample set, or featurize one and register it as a named reference
+JOB_EVAL, JOB_REFERENCE = "eval", "reference"

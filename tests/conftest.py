@@ -9,29 +9,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from evalfarm.models.synthetic import write_synthetic_weights
 
-N_SAMPLES = 40
-N_REFERENCE = 30
-KID_SUBSET = 20
-
-
-def write_images(folder: Path, n: int, size: int, seed: int, brightness: float) -> Path:
-    """Smooth colour fields (bicubic upsampled 4x4 noise): varied enough to give non-degenerate statistics."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.RandomState(seed)
-    for i in range(n):
-        coarse = (rng.rand(4, 4, 3) * 255 * brightness).astype(np.uint8)
-        Image.fromarray(coarse).resize((size, size), Image.BICUBIC).save(folder / f"{i:04d}.png")
-    return folder
-
-
-def images_as_array(folder: Path) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+from .helpers import KID_SUBSET, N_REFERENCE, N_SAMPLES, evaluate_in_home, use_home, write_images
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +46,7 @@ def reference_dir(data_root: Path) -> Path:
 def evalfarm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Each test gets its own database, feature store and weights cache; no network downloads."""
     home = tmp_path / "evalfarm-home"
-    monkeypatch.setenv("EVALFARM_HOME", str(home))
-    monkeypatch.setenv("EVALFARM_STORE", str(home / "store"))
-    monkeypatch.setenv("EVALFARM_ALLOW_DOWNLOAD", "0")
-    monkeypatch.delenv("EVALFARM_DATABASE_URL", raising=False)
-    monkeypatch.delenv("EVALFARM_WEIGHTS", raising=False)
-    monkeypatch.setenv("EVALFARM_DEVICE", "cpu")
+    use_home(monkeypatch, home)
     return home
 
 
@@ -79,21 +56,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # -- session-scoped evaluations, shared by test_parity.py and test_embedded.py ------------------------------------
-# The autouse `evalfarm_home` above is per test; a session fixture must bring its own home.
-
-
-def evaluate_in_home(home: Path, samples: str, ref: str | None, **kwargs: object) -> dict:
-    """`evalfarm.evaluate` with EVALFARM_HOME/STORE pointing at `home` (for session/module-scoped fixtures)."""
-    import evalfarm
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EVALFARM_HOME", str(home))
-        mp.setenv("EVALFARM_STORE", str(home / "store"))
-        mp.setenv("EVALFARM_ALLOW_DOWNLOAD", "0")
-        mp.delenv("EVALFARM_DATABASE_URL", raising=False)
-        mp.delenv("EVALFARM_WEIGHTS", raising=False)
-        mp.setenv("EVALFARM_DEVICE", "cpu")
-        return evalfarm.evaluate(samples, ref, **kwargs)
 
 
 @pytest.fixture(scope="session")

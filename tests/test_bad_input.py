@@ -8,11 +8,8 @@ with other weights) featurize, 25 images in all.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,26 +27,15 @@ from evalfarm import (
     SourceError,
 )
 from evalfarm.db import Job, Result, session_factory
+from evalfarm.keys import JOB_REFERENCE
 from evalfarm.models.weights import file_sha256
-from evalfarm.scheduler import local
-from evalfarm.scheduler.local import run_local
+from evalfarm.scheduler import embedded
+from evalfarm.scheduler.embedded import run_embedded
 from evalfarm.settings import get_settings
 
-from .conftest import evaluate_in_home, write_images
-
-_SCRIPT = shutil.which("evalfarm", path=str(Path(sys.executable).parent))
-EVALFARM = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "evalfarm.cli"]
-POOL3_DIM = 2048
-
+from .helpers import POOL3_DIM, evaluate_in_home, run_cli, write_images
 
 # -- helpers ------------------------------------------------------------------------------------------------------
-
-
-def run_cli(*args: object) -> subprocess.CompletedProcess:
-    """`evalfarm ...` in this test's evalfarm home (the autouse fixture has set the environment)."""
-    return subprocess.run(
-        [*EVALFARM, *map(str, args)], env=dict(os.environ), capture_output=True, text=True, timeout=600
-    )
 
 
 def assert_clean_cli_error(proc: subprocess.CompletedProcess) -> str:
@@ -100,7 +86,7 @@ def no_featurizing(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the job reached featurization; the input should have been refused while planning")
 
-    monkeypatch.setattr(local, "FeatureExtractor", forbidden)
+    monkeypatch.setattr(embedded, "FeatureExtractor", forbidden)
 
 
 # -- corrupt and empty sample sets (through the CLI) -------------------------------------------------------------
@@ -247,8 +233,8 @@ def test_stats_file_of_other_resize_mode_is_refused(
 def test_named_reference_of_other_weights_is_refused(
     samples: Path, reference: Path, weights_path: Path, other_weights_path: Path
 ) -> None:
-    run_local(
-        str(reference), None, EvalConfig(metrics=()), weights=str(other_weights_path), kind="reference",
+    run_embedded(
+        str(reference), None, EvalConfig(metrics=()), weights=str(other_weights_path), kind=JOB_REFERENCE,
         reference_name="made-with-other-weights",
     )
     with pytest.raises(ReferenceMismatchError, match=r"'made-with-other-weights' was computed with other Inception"):

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,54 +32,34 @@ from evalfarm import KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD
 from evalfarm.db import Reference, session_factory
 from evalfarm.keys import METRIC_KEYS
 from evalfarm.metrics import frechet_distance
-from evalfarm.references import load_cached
-from evalfarm.scheduler.local import run_local
+from evalfarm.scheduler.embedded import run_embedded
+from evalfarm.scheduler.references import load_reference
+from evalfarm.scheduler.store import FeatureStore
 from evalfarm.settings import get_settings
-from evalfarm.store import FeatureStore
 
-from .conftest import KID_SUBSET, N_REFERENCE, N_SAMPLES, evaluate_in_home, images_as_array, write_images
+from .helpers import (
+    KID_SUBSET,
+    N_REFERENCE,
+    N_SAMPLES,
+    POOL3_DIM,
+    evaluate_in_home,
+    home_env,
+    images_as_array,
+    in_home,
+    rel_err,
+    run_cli,
+    use_home,
+    write_images,
+)
 
-_SCRIPT = shutil.which("evalfarm", path=str(Path(sys.executable).parent))
-EVALFARM = [_SCRIPT] if _SCRIPT else [sys.executable, "-m", "evalfarm.cli"]
 SHARD_RTOL = 1e-6
-POOL3_DIM = 2048
 
 
 # -- helpers ------------------------------------------------------------------------------------------------------
 
 
-def home_env(home: Path, **extra: str) -> dict[str, str]:
-    """The environment a user would have with evalfarm's home at `home` (CPU, no downloads)."""
-    env = dict(os.environ)
-    env.pop("EVALFARM_DATABASE_URL", None)
-    env.pop("EVALFARM_WEIGHTS", None)
-    env.update(
-        EVALFARM_HOME=str(home),
-        EVALFARM_STORE=str(home / "store"),
-        EVALFARM_ALLOW_DOWNLOAD="0",
-        EVALFARM_DEVICE="cpu",
-        **extra,
-    )
-    return env
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*EVALFARM, *map(str, args)], env=env or dict(os.environ), capture_output=True, text=True, timeout=600
-    )
-
-
-def use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
-    monkeypatch.setenv("EVALFARM_HOME", str(home))
-    monkeypatch.setenv("EVALFARM_STORE", str(home / "store"))
-
-
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def relative_difference(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
 
 
 def write_stats_file(path: Path, seed: int, **extra: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,7 +112,7 @@ def results_by_shard_size(
 def test_metric_does_not_depend_on_shard_size(results_by_shard_size: dict[int, dict], key: str) -> None:
     values = {size: r[key] for size, r in sorted(results_by_shard_size.items())}
     reference_value = values[1000]
-    spread = max(relative_difference(v, reference_value) for v in values.values())
+    spread = max(rel_err(v, reference_value) for v in values.values())
     print(f"{key} by shard size: {values}; largest relative difference {spread:.3e}")
     assert spread <= SHARD_RTOL, f"{key} changes with the shard size: {values} (relative spread {spread:.3e})"
 
@@ -348,13 +325,13 @@ def test_stats_file_reference_gives_the_frechet_distance_to_its_mu_sigma(
     settings = get_settings()
     with session_factory(settings.db_url)() as s:
         row = s.get(Reference, named_reference["name"])
-    samples_side = load_cached(FeatureStore(settings.store), row.store_key).side()
+    samples_side = load_reference(FeatureStore(settings.store), row.store_key, row.weights_sha256, row.resize, row.name)
     stats_path = named_reference["root"] / "pytorch-fid-stats.npz"
     mu, sigma = write_stats_file(stats_path, seed=33)
 
     result = evalfarm.evaluate(str(named_reference["folder"]), str(stats_path), weights=str(weights_path), metrics=("fid",))
 
-    expected = frechet_distance(samples_side.mu, samples_side.sigma, mu, sigma)
+    expected = frechet_distance(samples_side.mean(), samples_side.cov(), mu, sigma)
     assert result[KEY_FID] == pytest.approx(expected, rel=1e-9)
     assert result["n_reference"] == 0  # pytorch-fid files do not say how many images they came from
     assert result["images_featurized"] == 6
@@ -371,18 +348,13 @@ def history(tmp_path_factory: pytest.TempPathFactory, weights_path: Path) -> dic
     stats = root / "stats.npz"
     write_stats_file(stats, seed=41)
     jobs = {}
-    with pytest.MonkeyPatch.context() as mp:
-        use_home(mp, home)
-        mp.setenv("EVALFARM_ALLOW_DOWNLOAD", "0")
-        mp.setenv("EVALFARM_DEVICE", "cpu")
-        mp.delenv("EVALFARM_DATABASE_URL", raising=False)
-        mp.delenv("EVALFARM_WEIGHTS", raising=False)
+    with in_home(home):
         alpha = write_images(root / "samples-alpha", 4, 32, seed=42, brightness=1.0)
-        jobs["alpha"] = run_local(
+        jobs["alpha"] = run_embedded(
             str(alpha), str(stats), EvalConfig(metrics=("fid",)), weights=str(weights_path), run="alpha", step=100
         )
         beta = write_images(root / "samples-beta", 4, 32, seed=43, brightness=1.0)
-        jobs["beta"] = run_local(
+        jobs["beta"] = run_embedded(
             str(beta), None, EvalConfig(metrics=("is",), splits=2), weights=str(weights_path), run="beta", step=200
         )
     return {"home": home, "jobs": jobs}

@@ -19,8 +19,8 @@ from evalfarm import keys
 from evalfarm.config import EvalConfig
 from evalfarm.db import Job, Shard
 
-from .conftest import write_images
 from .farm import DATABASE_URL, FAST_LEASES, REDIS_URL, Worker, require_services, reset_services
+from .helpers import in_home, write_images
 
 pytestmark = pytest.mark.farm
 
@@ -41,10 +41,7 @@ def farm_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def embedded_result(farm_data, weights_path, tmp_path_factory) -> dict:
     """The embedded run every farm result must equal (one shard per side)."""
     home = tmp_path_factory.mktemp("embedded-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EVALFARM_HOME", str(home))
-        mp.setenv("EVALFARM_STORE", str(home / "store"))
-        mp.delenv("EVALFARM_DATABASE_URL", raising=False)
+    with in_home(home):
         return evalfarm.evaluate(
             str(farm_data[0]), str(farm_data[1]), weights=str(weights_path), device="cpu", shard_size=1000,
             cache=False, **CONFIG,
@@ -69,9 +66,6 @@ def farm(tmp_path: Path, weights_path: Path, monkeypatch: pytest.MonkeyPatch):
     }
     for k in ("EVALFARM_DATABASE_URL", "EVALFARM_REDIS_URL", "EVALFARM_STORE", "EVALFARM_WEIGHTS", *FAST_LEASES):
         monkeypatch.setenv(k, env[k])
-    import evalfarm.workers.tasks as tasks
-
-    monkeypatch.setattr(tasks, "_ctx", None)  # contexts are per settings; rebuild for this test's store
     workers: list[Worker] = []
 
     def start(queues: str = "gpu,cpu", extra_env: dict[str, str] | None = None) -> Worker:
@@ -224,7 +218,8 @@ def test_a_corrupt_image_fails_the_job_with_the_file_name(farm, farm_data, tmp_p
 
 def test_a_worker_with_other_weights_refuses_the_shards(farm, farm_data, other_weights_path):
     start, _ = farm
-    start(extra_env={"EVALFARM_WEIGHTS": str(other_weights_path)})
+    start(queues="cpu")  # plans, and so pins the job to the farm's weights
+    start(queues="gpu", extra_env={"EVALFARM_WEIGHTS": str(other_weights_path)})
     job_id = client().submit(str(farm_data[0]), None, EvalConfig(metrics=("is",), splits=2))
     with pytest.raises(evalfarm.JobError, match="weights"):
         client().wait(job_id, timeout=120)
@@ -261,3 +256,12 @@ def test_http_api_submits_reports_and_cancels(farm, farm_data):
         assert call("GET", "/jobs/00000000-0000-0000-0000-000000000000")[0] == 404
     finally:
         server.shutdown()
+
+
+def test_a_job_that_requires_other_weights_fails_at_planning(farm, farm_data):
+    start, _ = farm
+    start(queues="cpu")
+    job_id = client().submit(str(farm_data[0]), None, EvalConfig(metrics=("is",), splits=2), weights_sha256="0" * 64)
+    with pytest.raises(evalfarm.JobError, match=r"asks for Inception weights with sha256 000000000000"):
+        client().wait(job_id, timeout=120)
+    assert shards_of(job_id) == []  # refused before any shard was planned

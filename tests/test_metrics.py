@@ -25,9 +25,7 @@ from evalfarm import keys
 from evalfarm.config import EvalConfig
 from evalfarm.errors import MetricInputError
 from evalfarm.metrics import (
-    FeatureAccumulator,
     FeatureStats,
-    SplitStats,
     frechet_distance,
     inception_score,
     kernel_inception_distance,
@@ -35,8 +33,9 @@ from evalfarm.metrics import (
     trace_sqrt_product,
 )
 from evalfarm.metrics.kid import polynomial_mmd2
-from evalfarm.pipeline import ShardOutput
-from evalfarm.pipeline.reduce import SideMerge, SideStats, compute_metrics
+from evalfarm.pipeline import compute_metrics, merge_in_order
+
+from .helpers import rel_err
 
 SEED = 2020  # torch-fidelity's default rng_seed
 SPLITS = 10
@@ -51,10 +50,6 @@ TF_KID_KWARGS = {
 }
 
 
-def rel_err(actual: float, expected: float) -> float:
-    return abs(actual - expected) / abs(expected)
-
-
 def pool3_like(rng: np.random.RandomState, n: int, d: int, scale: float = 1.0) -> np.ndarray:
     """Non-negative features with mean and spread of the same order, like post-ReLU average-pooled activations."""
     return np.abs(rng.normal(0.3, 1.0, size=(n, d))) * scale
@@ -65,20 +60,25 @@ def logits_like(rng: np.random.RandomState, n: int, c: int = 1008) -> np.ndarray
     return rng.normal(0.0, 3.0, size=(n, c))
 
 
+def split_stats(logits: np.ndarray, split_ids: np.ndarray, splits: int) -> FeatureStats:
+    """Statistics that carry only IS split sums worth looking at (their feature rows are zeros)."""
+    return FeatureStats.of(np.zeros((len(logits), 1)), logits, split_ids, splits)
+
+
 def assert_feature_stats_close(a: FeatureStats, b: FeatureStats, rtol: float) -> None:
     assert a.n == b.n
     np.testing.assert_allclose(a.sum, b.sum, rtol=rtol, atol=rtol * np.abs(b.sum).max())
     np.testing.assert_allclose(a.gram, b.gram, rtol=rtol, atol=rtol * np.abs(b.gram).max())
 
 
-def assert_split_stats_close(a: SplitStats, b: SplitStats, rtol: float) -> None:
-    np.testing.assert_array_equal(a.n, b.n)
-    np.testing.assert_allclose(a.sum_p, b.sum_p, rtol=rtol, atol=rtol * np.abs(b.sum_p).max())
-    np.testing.assert_allclose(a.sum_plogp, b.sum_plogp, rtol=rtol, atol=rtol * np.abs(b.sum_plogp).max())
+def assert_split_stats_close(a: FeatureStats, b: FeatureStats, rtol: float) -> None:
+    np.testing.assert_array_equal(a.split_n, b.split_n)
+    np.testing.assert_allclose(a.split_p, b.split_p, rtol=rtol, atol=rtol * np.abs(b.split_p).max())
+    np.testing.assert_allclose(a.split_plogp, b.split_plogp, rtol=rtol, atol=rtol * np.abs(b.split_plogp).max())
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FeatureStats: FID partials
+# FeatureStats: FID sums
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -95,17 +95,17 @@ def test_feature_stats_merge_equals_stats_of_concatenation_in_any_grouping() -> 
 def test_feature_accumulator_batch_by_batch_equals_stats_of_all_rows() -> None:
     rng = np.random.RandomState(1)
     a, b = pool3_like(rng, 11, 16).astype(np.float32), pool3_like(rng, 13, 16).astype(np.float32)
-    acc = FeatureAccumulator(16)
+    acc = FeatureStats.new(16)
     acc.add(a)
     acc.add(b)
     acc.add(b[:0])  # an empty batch adds nothing
-    assert_feature_stats_close(acc.stats(), FeatureStats.of(np.concatenate([a, b])), rtol=1e-12)
+    assert_feature_stats_close(acc, FeatureStats.of(np.concatenate([a, b])), rtol=1e-12)
 
 
 def test_feature_accumulator_gram_is_exactly_symmetric_and_c_ordered() -> None:
-    acc = FeatureAccumulator(12)
+    acc = FeatureStats.new(12)
     acc.add(pool3_like(np.random.RandomState(6), 9, 12))
-    gram = acc.stats().gram
+    gram = acc.gram
     np.testing.assert_array_equal(gram, gram.T)
     assert gram.flags["C_CONTIGUOUS"]
 
@@ -136,8 +136,54 @@ def test_feature_stats_bytes_round_trip_is_exact() -> None:
     np.testing.assert_array_equal(back.gram, stats.gram)
 
 
+def test_feature_stats_read_mid_accumulation_then_extended_equal_stats_of_all_rows() -> None:
+    rng = np.random.RandomState(41)
+    a, b = pool3_like(rng, 7, 10), pool3_like(rng, 9, 10)
+    acc = FeatureStats.new(10)
+    acc.add(a)
+    _ = acc.gram  # mirrored once here; later batches must still land in both triangles
+    acc.add(b)
+    assert_feature_stats_close(acc, FeatureStats.of(np.concatenate([a, b])), rtol=1e-12)
+    np.testing.assert_array_equal(acc.gram, acc.gram.T)
+
+
+def test_feature_stats_keep_their_rows_in_order_across_merges() -> None:
+    rng = np.random.RandomState(42)
+    a, b = pool3_like(rng, 3, 6).astype(np.float32), pool3_like(rng, 4, 6).astype(np.float32)
+    np.testing.assert_array_equal((FeatureStats.of(a) + FeatureStats.of(b)).features, np.concatenate([a, b]))
+
+
+def test_feature_stats_bytes_keep_rows_split_sums_and_meta() -> None:
+    rng = np.random.RandomState(43)
+    stats = FeatureStats.of(pool3_like(rng, 12, 5).astype(np.float32), logits_like(rng, 12, 7),
+                            split_assignment(12, 3, SEED), 3)
+    stats.meta = {"resize": "tf"}
+    back = FeatureStats.from_bytes(stats.to_bytes())
+    np.testing.assert_array_equal(back.features, stats.features)
+    np.testing.assert_array_equal(back.split_p, stats.split_p)
+    assert back.meta == {"resize": "tf"}
+    assert FeatureStats.from_bytes(stats.to_bytes(), features=False).features is None
+
+
+def test_feature_stats_with_and_without_split_sums_do_not_merge() -> None:
+    rng = np.random.RandomState(44)
+    with_splits = FeatureStats.of(pool3_like(rng, 4, 3), logits_like(rng, 4, 5), np.array([0, 1, 0, 1]), 2)
+    with pytest.raises(ValueError, match="IS split sums"):
+        with_splits + FeatureStats.of(pool3_like(rng, 4, 3))
+
+
+def test_feature_stats_from_moments_give_them_back_exactly_and_refuse_to_merge() -> None:
+    rng = np.random.RandomState(45)
+    x = pool3_like(rng, 30, 8)
+    mu, sigma = x.mean(axis=0), np.cov(x, rowvar=False)
+    stats = FeatureStats.from_moments(mu, sigma, n=30)
+    assert stats.mean() is mu and stats.cov() is sigma
+    with pytest.raises(MetricInputError, match="cannot be merged"):
+        stats + FeatureStats.of(x)
+
+
 # --------------------------------------------------------------------------------------------------------------
-# SplitStats: IS partials
+# FeatureStats: IS split sums
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -145,9 +191,9 @@ def test_split_stats_sum_over_parts_equals_stats_of_whole() -> None:
     rng = np.random.RandomState(5)
     logits = logits_like(rng, 103, 50)
     ids = split_assignment(len(logits), SPLITS, SEED)
-    whole = SplitStats.of(logits, ids, SPLITS)
+    whole = split_stats(logits, ids, SPLITS)
     bounds = [0, 40, 41, 103]
-    parts = [SplitStats.of(logits[lo:hi], ids[lo:hi], SPLITS) for lo, hi in pairwise(bounds)]
+    parts = [split_stats(logits[lo:hi], ids[lo:hi], SPLITS) for lo, hi in pairwise(bounds)]
     left = (parts[0] + parts[1]) + parts[2]
     right = parts[0] + (parts[1] + parts[2])
     assert_split_stats_close(left, whole, rtol=1e-12)
@@ -158,22 +204,22 @@ def test_split_stats_equal_direct_softmax_sums() -> None:
     rng = np.random.RandomState(6)
     logits = logits_like(rng, 40, 30)
     ids = split_assignment(len(logits), 4, SEED)
-    stats = SplitStats.of(logits, ids, 4)
+    stats = split_stats(logits, ids, 4)
     p = scipy.special.softmax(logits, axis=1)
     log_p = scipy.special.log_softmax(logits, axis=1)
     for s in range(4):
         rows = ids == s
-        assert stats.n[s] == rows.sum()
-        np.testing.assert_allclose(stats.sum_p[s], p[rows].sum(axis=0), rtol=1e-12)
-        np.testing.assert_allclose(stats.sum_plogp[s], (p[rows] * log_p[rows]).sum(), rtol=1e-12)
+        assert stats.split_n[s] == rows.sum()
+        np.testing.assert_allclose(stats.split_p[s], p[rows].sum(axis=0), rtol=1e-12)
+        np.testing.assert_allclose(stats.split_plogp[s], (p[rows] * log_p[rows]).sum(), rtol=1e-12)
 
 
 def test_split_stats_bytes_round_trip_is_exact() -> None:
     rng = np.random.RandomState(7)
     logits = logits_like(rng, 25, 17)
-    stats = SplitStats.of(logits, split_assignment(25, 5, SEED), 5)
-    back = SplitStats.from_bytes(stats.to_bytes())
-    for name in ("n", "sum_p", "sum_plogp"):
+    stats = split_stats(logits, split_assignment(25, 5, SEED), 5)
+    back = FeatureStats.from_bytes(stats.to_bytes())
+    for name in ("split_n", "split_p", "split_plogp"):
         assert getattr(back, name).dtype == getattr(stats, name).dtype
         np.testing.assert_array_equal(getattr(back, name), getattr(stats, name))
 
@@ -181,8 +227,8 @@ def test_split_stats_bytes_round_trip_is_exact() -> None:
 def test_split_stats_stay_finite_when_softmax_underflows() -> None:
     logits = np.zeros((4, 5))
     logits[:, 0] = 2000.0  # every other class has p == 0 exactly
-    stats = SplitStats.of(logits, np.array([0, 0, 1, 1]), 2)
-    assert np.all(np.isfinite(stats.sum_p)) and np.all(np.isfinite(stats.sum_plogp))
+    stats = split_stats(logits, np.array([0, 0, 1, 1]), 2)
+    assert np.all(np.isfinite(stats.split_p)) and np.all(np.isfinite(stats.split_plogp))
     mean, std = inception_score(stats)
     assert mean == pytest.approx(1.0) and std == pytest.approx(0.0)
 
@@ -209,7 +255,7 @@ def test_split_assignment_with_fewer_samples_than_splits_raises() -> None:
 
 def test_inception_score_equals_torch_fidelity_on_float64_logits() -> None:
     logits = logits_like(np.random.RandomState(8), 237)
-    ours = inception_score(SplitStats.of(logits, split_assignment(len(logits), SPLITS, SEED), SPLITS))
+    ours = inception_score(split_stats(logits, split_assignment(len(logits), SPLITS, SEED), SPLITS))
     theirs = isc_features_to_metric(torch.from_numpy(logits), splits=SPLITS, shuffle=True, rng_seed=SEED)
     assert ours[0] > 2.0  # a non-trivial score: the comparison is not of two floors
     assert rel_err(ours[0], theirs[KEY_METRIC_ISC_MEAN]) < 1e-9
@@ -218,7 +264,7 @@ def test_inception_score_equals_torch_fidelity_on_float64_logits() -> None:
 
 def test_inception_score_equals_torch_fidelity_on_float32_logits() -> None:
     logits = logits_like(np.random.RandomState(9), 237).astype(np.float32)
-    ours = inception_score(SplitStats.of(logits, split_assignment(len(logits), SPLITS, SEED), SPLITS))
+    ours = inception_score(split_stats(logits, split_assignment(len(logits), SPLITS, SEED), SPLITS))
     theirs = isc_features_to_metric(torch.from_numpy(logits), splits=SPLITS, shuffle=True, rng_seed=SEED)
     assert rel_err(ours[0], theirs[KEY_METRIC_ISC_MEAN]) < 1e-6
     assert rel_err(ours[1], theirs[KEY_METRIC_ISC_STD]) < 1e-6
@@ -227,9 +273,9 @@ def test_inception_score_equals_torch_fidelity_on_float32_logits() -> None:
 def test_inception_score_is_invariant_to_sharding() -> None:
     logits = logits_like(np.random.RandomState(10), 237).astype(np.float32)
     ids = split_assignment(len(logits), SPLITS, SEED)
-    whole = inception_score(SplitStats.of(logits, ids, SPLITS))
+    whole = inception_score(split_stats(logits, ids, SPLITS))
     bounds = [0, 100, 103, 237]  # three uneven shards
-    parts = [SplitStats.of(logits[lo:hi], ids[lo:hi], SPLITS) for lo, hi in pairwise(bounds)]
+    parts = [split_stats(logits[lo:hi], ids[lo:hi], SPLITS) for lo, hi in pairwise(bounds)]
     sharded = inception_score(parts[0] + parts[1] + parts[2])
     assert rel_err(sharded[0], whole[0]) < 1e-12
     assert rel_err(sharded[1], whole[1]) < 1e-9
@@ -238,7 +284,7 @@ def test_inception_score_is_invariant_to_sharding() -> None:
 def test_inception_score_with_an_empty_split_raises() -> None:
     logits = logits_like(np.random.RandomState(11), 3, 8)
     with pytest.raises(MetricInputError):
-        inception_score(SplitStats.of(logits, np.array([0, 1, 1]), 3))
+        inception_score(split_stats(logits, np.array([0, 1, 1]), 3))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -410,8 +456,8 @@ def test_kid_of_two_draws_from_one_distribution_is_near_zero_and_of_different_on
 # --------------------------------------------------------------------------------------------------------------
 
 
-def side(features: np.ndarray) -> SideStats:
-    return SideStats.from_partials([FeatureStats.of(features)], features=[features])
+def side(features: np.ndarray) -> FeatureStats:
+    return FeatureStats.of(features)
 
 
 def test_compute_metrics_kid_shrink_uses_the_smaller_set_size() -> None:
@@ -434,8 +480,7 @@ def test_compute_metrics_without_kid_shrink_rejects_a_small_set() -> None:
 def test_compute_metrics_rejects_non_finite_fid_statistics() -> None:
     rng = np.random.RandomState(25)
     samples, reference = side(pool3_like(rng, 30, 16)), side(pool3_like(rng, 25, 16))
-    samples.mu = samples.mu.copy()
-    samples.mu[0] = np.nan
+    samples.sum[0] = np.nan  # so the mean is NaN there
     with pytest.raises(MetricInputError):
         compute_metrics(EvalConfig(metrics=("fid",)), samples, reference)
 
@@ -458,25 +503,23 @@ def test_frechet_distance_rejects_a_mean_that_does_not_fit_its_covariance():
         frechet_distance(mu, sigma, mu, sigma)
 
 
-def test_side_merge_of_shard_outputs_equals_statistics_of_all_samples() -> None:
+def test_merge_in_order_of_shard_statistics_equals_statistics_of_all_samples() -> None:
     rng = np.random.RandomState(31)
     x = pool3_like(rng, 90, 32).astype(np.float32)
     logits = logits_like(rng, 90)
     splits = split_assignment(90, 3, SEED)
-    merge = SideMerge(keep_features=True)
-    for lo, hi in ((0, 25), (25, 26), (26, 90)):
-        merge.add(ShardOutput(x[lo:hi], FeatureStats.of(x[lo:hi]), SplitStats.of(logits[lo:hi], splits[lo:hi], 3), 0.0))
-    merged = merge.result()
-    whole = SideStats.from_partials([FeatureStats.of(x)], [SplitStats.of(logits, splits, 3)], [x])
+    merged = merge_in_order(
+        FeatureStats.of(x[lo:hi], logits[lo:hi], splits[lo:hi], 3) for lo, hi in ((0, 25), (25, 26), (26, 90))
+    )
+    whole = FeatureStats.of(x, logits, splits, 3)
     assert merged.n == 90
-    np.testing.assert_allclose(merged.mu, whole.mu, rtol=1e-12)
-    np.testing.assert_allclose(merged.sigma, whole.sigma, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(merged.mean(), whole.mean(), rtol=1e-12)
+    np.testing.assert_allclose(merged.cov(), whole.cov(), rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(merged.features, x)
-    np.testing.assert_allclose(inception_score(merged.split_stats), inception_score(whole.split_stats), rtol=1e-12)
+    np.testing.assert_allclose(inception_score(merged), inception_score(whole), rtol=1e-12)
 
 
-def test_side_merge_without_keep_features_holds_no_features() -> None:
+def test_merge_of_statistics_without_features_holds_no_features() -> None:
     x = pool3_like(np.random.RandomState(32), 10, 8)
-    merge = SideMerge(keep_features=False)
-    merge.add(ShardOutput(x, FeatureStats.of(x), None, 0.0))
-    assert merge.result().features is None
+    merged = merge_in_order([FeatureStats.of(x, keep_features=False), FeatureStats.of(x, keep_features=False)])
+    assert merged.features is None

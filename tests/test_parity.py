@@ -13,7 +13,7 @@ import pytest
 
 from evalfarm import KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD
 
-from .conftest import KID_SUBSET, N_REFERENCE, N_SAMPLES
+from .helpers import KID_SUBSET, N_REFERENCE, N_SAMPLES, rel_err
 
 MEAN_RTOL = 1e-4  #: IS mean, FID, KID mean
 STD_RTOL = 1e-3  #: IS std, KID std: spreads over few splits/subsets amplify float32 rounding
@@ -37,12 +37,8 @@ def torch_fidelity_metrics(samples_dir: Path, reference_dir: Path, weights_path:
     )
 
 
-def relative_difference(ours: float, theirs: float) -> float:
-    return abs(ours - theirs) / abs(theirs)
-
-
 def assert_matches(ours: dict, theirs: dict, key: str, rtol: float) -> None:
-    rel = relative_difference(ours[key], theirs[key])
+    rel = rel_err(ours[key], theirs[key])
     print(f"{key}: evalfarm {ours[key]!r} torch-fidelity {theirs[key]!r} relative difference {rel:.3e}")
     assert rel <= rtol, (
         f"{key}: evalfarm {ours[key]!r} vs torch-fidelity {theirs[key]!r}: relative difference {rel:.3e} > {rtol:g}"
@@ -77,7 +73,3 @@ def test_parity_run_used_the_sizes_and_settings_torch_fidelity_used(parity_resul
     assert parity_result["settings"]["kid_subsets"] == 10
     assert parity_result["settings"]["splits"] == 10
 
-
-@pytest.mark.skip(reason="torch-fidelity has no clean-fid (PIL bicubic) resize mode to compare resize='clean' with")
-def test_clean_resize_equals_torch_fidelity() -> None:  # pragma: no cover - documents what is not compared
-    raise AssertionError("unreachable")

@@ -22,7 +22,6 @@ from urllib.parse import parse_qs, urlparse
 from evalfarm.client import Client
 from evalfarm.config import EvalConfig, parse_metrics
 from evalfarm.errors import EvalfarmError, JobError
-from evalfarm.history import query_results
 
 _CONFIG_FIELDS = {f.name for f in fields(EvalConfig)} - {"metrics", "extra"}
 
@@ -53,9 +52,7 @@ def cancel(client: Client, _: dict, params: dict) -> tuple[int, dict]:
 
 def results(client: Client, _: dict, params: dict) -> tuple[int, Any]:
     q = params["query"]
-    rows = query_results(client.settings.db_url, run=q.get("run"), metric=q.get("metric"),
-                         limit=int(q.get("limit", 50)))
-    return HTTPStatus.OK, rows
+    return HTTPStatus.OK, client.results(run=q.get("run"), metric=q.get("metric"), limit=int(q.get("limit", 50)))
 
 
 def health(client: Client, _: dict, __: dict) -> tuple[int, dict]:

@@ -1,6 +1,16 @@
-"""Persistence: SQLAlchemy models and sessions (Postgres in the farm, SQLite embedded)."""
+"""Persistence: SQLAlchemy models, typed states and sessions (Postgres in the farm, SQLite embedded)."""
 
-from evalfarm.db.models import FINAL_STATES, Job, Reference, Result, Shard
+from evalfarm.db.models import FINAL_STATES, Job, JobState, Reference, Result, Shard, ShardState
 from evalfarm.db.session import get_engine, session_factory
 
-__all__ = ["FINAL_STATES", "Job", "Reference", "Result", "Shard", "get_engine", "session_factory"]
+__all__ = [
+    "FINAL_STATES",
+    "Job",
+    "JobState",
+    "Reference",
+    "Result",
+    "Shard",
+    "ShardState",
+    "get_engine",
+    "session_factory",
+]

@@ -6,15 +6,56 @@ truth: Redis only carries messages and transient partials.
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-JOB_STATES = ("queued", "planning", "running", "reducing", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
-SHARD_STATES = ("pending", "running", "done", "failed")
+
+class _State(str, enum.Enum):
+    """A state stored as its lower-case value; prints and formats as that value, compares equal to it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class JobState(_State):
+    """queued → planning → running → reducing → succeeded | failed | cancelled."""
+
+    QUEUED = "queued"
+    PLANNING = "planning"
+    RUNNING = "running"
+    REDUCING = "reducing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+class ShardState(_State):
+    """pending → running → done | failed; a failed attempt or a lost worker goes back to pending."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+
+
+def _state_column(states: type[_State]) -> Enum:
+    # VARCHAR(16) holding the value, exactly the column the initial migration created (no native enum type).
+    return Enum(states, native_enum=False, create_constraint=False, length=16,
+                values_callable=lambda members: [m.value for m in members])
 
 
 def utcnow() -> datetime:
@@ -29,7 +70,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    state: Mapped[JobState] = mapped_column(_state_column(JobState), index=True)
     mode: Mapped[str] = mapped_column(String(16))  # embedded | farm
     kind: Mapped[str] = mapped_column(String(16), default="eval")  # eval | reference (creates a named reference)
     samples_uri: Mapped[str] = mapped_column(Text)
@@ -39,7 +80,8 @@ class Job(Base):
     n_samples: Mapped[int | None] = mapped_column(Integer)
     n_reference: Mapped[int | None] = mapped_column(Integer)
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
-    weights_sha256: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str | None] = mapped_column(String(64))
+    """The weights the job is pinned to: asked for by the submitter, or else those of the farm that plans it."""
     run: Mapped[str | None] = mapped_column(String(200), index=True)
     step: Mapped[int | None] = mapped_column(Integer)
     tags: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -65,7 +107,7 @@ class Shard(Base):
     index: Mapped[int] = mapped_column(Integer)
     start: Mapped[int] = mapped_column(Integer)
     stop: Mapped[int] = mapped_column(Integer)
-    state: Mapped[str] = mapped_column(String(16), default="pending")
+    state: Mapped[ShardState] = mapped_column(_state_column(ShardState), default=ShardState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)

@@ -3,12 +3,10 @@
 from evalfarm.metrics.fid import frechet_distance, trace_sqrt_product
 from evalfarm.metrics.inception_score import inception_score, split_assignment
 from evalfarm.metrics.kid import check_kid_inputs, kernel_inception_distance
-from evalfarm.metrics.stats import FeatureAccumulator, FeatureStats, SplitStats
+from evalfarm.metrics.stats import FeatureStats
 
 __all__ = [
-    "FeatureAccumulator",
     "FeatureStats",
-    "SplitStats",
     "check_kid_inputs",
     "frechet_distance",
     "inception_score",

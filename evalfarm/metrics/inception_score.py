@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from evalfarm.errors import MetricInputError
-from evalfarm.metrics.stats import SplitStats
+from evalfarm.metrics.stats import FeatureStats
 
 
 def split_assignment(n: int, splits: int, seed: int) -> np.ndarray:
@@ -23,12 +23,14 @@ def split_assignment(n: int, splits: int, seed: int) -> np.ndarray:
     return np.searchsorted(bounds, position, side="right") - 1
 
 
-def inception_score(stats: SplitStats) -> tuple[float, float]:
-    """(mean, std) over splits; std with ddof 0 as torch-fidelity reports it."""
-    if np.any(stats.n == 0):
+def inception_score(stats: FeatureStats) -> tuple[float, float]:
+    """(mean, std) over the splits of the samples' statistics; std with ddof 0 as torch-fidelity reports it."""
+    if not stats.has_splits:
+        raise MetricInputError("Inception Score needs the samples' logit statistics.")
+    if np.any(stats.split_n == 0):
         raise MetricInputError("an Inception Score split is empty: there are fewer samples than splits.")
-    q = stats.sum_p / stats.n[:, None]
+    q = stats.split_p / stats.split_n[:, None]
     qlogq = np.where(q > 0, q * np.log(np.where(q > 0, q, 1.0)), 0.0).sum(axis=1)
-    kl = stats.sum_plogp / stats.n - qlogq
+    kl = stats.split_plogp / stats.split_n - qlogq
     scores = np.exp(kl)
     return float(np.mean(scores)), float(np.std(scores))

@@ -1,130 +1,216 @@
-"""Mergeable partial statistics: what a shard computes and the reducer sums.
+"""The one carrier of a side's statistics: what a shard accumulates, the reducer sums, and the store keeps.
 
-Sums are float64 and merge by addition, so merging shards in a fixed order gives the statistics of the
-concatenated set up to float64 rounding, whatever the number of shards (stylegan3's FeatureStats idea).
+For features X (n×d) and, on the samples side, the logits of each sample's IS split, it holds n, Σx and
+XᵀX in float64 (FID), per-split n, Σp and Σ Σ_y p·log p (IS), and optionally the float32 rows of X
+(KID). Every sum merges by `+`, so merging shards in a fixed order gives the statistics of the whole set
+up to float64 rounding, whatever the number of shards (stylegan3's `FeatureStats` idea). One encoding,
+`.npz` bytes without pickles, serves partials and cached references alike.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from collections.abc import Mapping
 
 import numpy as np
 import scipy.linalg
 
+from evalfarm.errors import MetricInputError
 
-@dataclass
+_SPLIT_FIELDS = ("split_n", "split_p", "split_plogp")
+_ARRAY_FIELDS = ("n", "sum", "gram", "features", *_SPLIT_FIELDS)
+
+
 class FeatureStats:
-    """FID partial: count, Σx and XᵀX of pool3 features."""
+    """Mergeable statistics of (part of) one side; `+` merges, `add` accumulates a batch in place.
 
-    n: int
-    sum: np.ndarray  # (d,) float64
-    gram: np.ndarray  # (d, d) float64
-
-    @classmethod
-    def empty(cls, dim: int) -> FeatureStats:
-        return cls(0, np.zeros(dim, np.float64), np.zeros((dim, dim), np.float64))
-
-    @classmethod
-    def of(cls, features: np.ndarray) -> FeatureStats:
-        x = np.asarray(features, dtype=np.float64)
-        return cls(len(x), x.sum(axis=0), x.T @ x)
-
-    def __add__(self, other: FeatureStats) -> FeatureStats:
-        return FeatureStats(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
-
-    def mean(self) -> np.ndarray:
-        return self.sum / self.n
-
-    def cov(self) -> np.ndarray:
-        """Unbiased covariance (ddof 1), as `np.cov(features, rowvar=False)`."""
-        mu = self.mean()
-        cov = (self.gram - self.n * np.outer(mu, mu)) / (self.n - 1)
-        return (cov + cov.T) / 2  # exact symmetry for the eigen route
-
-    def to_bytes(self) -> bytes:
-        return _save(n=np.int64(self.n), sum=self.sum, gram=self.gram)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> FeatureStats:
-        a = _load(data)
-        return cls(int(a["n"]), a["sum"], a["gram"])
-
-
-class FeatureAccumulator:
-    """Builds one shard's FeatureStats batch by batch.
-
-    The Gram grows by BLAS `syrk` on its upper triangle, in place: half the products of `gram += x.T @ x`
-    and no 32 MiB temporary per batch (about 10x faster; on a GPU host this host-side sum, not the network,
-    bounded a shard's throughput). The lower triangle is filled once, in `stats()`.
+    While accumulating, the Gram grows by BLAS `syrk` on its upper triangle, in place: half the products of
+    `gram += x.T @ x` and no 32 MiB temporary per batch (on a GPU host this host-side sum, not the network,
+    bounded a shard's throughput). `gram` mirrors the triangle once, when it is first read.
     """
 
-    def __init__(self, dim: int) -> None:
-        self.n = 0
-        self.sum = np.zeros(dim, np.float64)
-        self._upper = np.zeros((dim, dim), np.float64, order="F")
-        self._syrk = scipy.linalg.blas.get_blas_funcs("syrk", (self._upper,))
+    def __init__(
+        self,
+        n: int,
+        sum: np.ndarray,  # noqa: A002 - the statistic's name
+        gram: np.ndarray,
+        *,
+        features: np.ndarray | None = None,
+        split_n: np.ndarray | None = None,
+        split_p: np.ndarray | None = None,
+        split_plogp: np.ndarray | None = None,
+        meta: Mapping[str, str] | None = None,
+    ) -> None:
+        self.n = int(n)
+        self.sum = np.asarray(sum, np.float64)
+        self._gram: np.ndarray | None = np.asarray(gram, np.float64)
+        self._upper: np.ndarray | None = None  # Fortran-ordered; only its upper triangle is meaningful
+        self.keep_features = features is not None
+        self._chunks: list[np.ndarray] = [] if features is None else [np.asarray(features, np.float32)]
+        self.split_n, self.split_p, self.split_plogp = split_n, split_p, split_plogp
+        self.meta: dict[str, str] = dict(meta or {})
+        """Provenance stored beside the arrays (a cached reference's content hash, weights, resize)."""
+        self._moments: tuple[np.ndarray, np.ndarray] | None = None
 
-    def add(self, features: np.ndarray) -> None:
+    # -- building ----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def new(cls, dim: int, *, splits: int = 0, classes: int = 0, keep_features: bool = True) -> FeatureStats:
+        """Zero statistics to `add` batches to; with `splits`, also the IS sums over `classes` logits."""
+        stats = cls(0, np.zeros(dim), np.zeros((0, 0)))
+        stats._gram, stats._upper = None, np.zeros((dim, dim), np.float64, order="F")
+        stats.keep_features = keep_features
+        if splits:
+            stats.split_n = np.zeros(splits, np.int64)
+            stats.split_p = np.zeros((splits, classes), np.float64)
+            stats.split_plogp = np.zeros(splits, np.float64)
+        return stats
+
+    @classmethod
+    def of(
+        cls,
+        features: np.ndarray,
+        logits: np.ndarray | None = None,
+        split_ids: np.ndarray | None = None,
+        splits: int = 0,
+        *,
+        keep_features: bool = True,
+    ) -> FeatureStats:
+        """Statistics of one array of rows (and their logits, split by `split_ids`)."""
+        x = np.asarray(features)
+        stats = cls.new(x.shape[1], splits=splits, classes=0 if logits is None else np.shape(logits)[1],
+                        keep_features=keep_features)
+        stats.add(x, logits, split_ids)
+        return stats
+
+    @classmethod
+    def from_moments(cls, mu: np.ndarray, sigma: np.ndarray, n: int = 0) -> FeatureStats:
+        """A side known only by its mean and covariance (a pytorch-fid `mu`/`sigma` file): FID only, no merge."""
+        mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+        stats = cls(n, mu * n, np.zeros((0, 0)))
+        stats._gram, stats._moments = None, (mu, sigma)
+        return stats
+
+    def add(self, features: np.ndarray, logits: np.ndarray | None = None, split_ids: np.ndarray | None = None) -> None:
+        """Accumulate a batch of rows; with `logits` and `split_ids`, also their IS split sums."""
+        self._check_mergeable()
         x = np.asarray(features, dtype=np.float64)
         if not len(x):
             return
+        if self._upper is None:
+            self._upper = np.array(self.gram, order="F")  # a copy: the full Gram may be shared
         self.n += len(x)
         self.sum += x.sum(axis=0)
-        self._upper = self._syrk(1.0, x, beta=1.0, c=self._upper, trans=1, lower=0, overwrite_c=1)
+        syrk = scipy.linalg.blas.get_blas_funcs("syrk", (self._upper,))
+        self._upper = syrk(1.0, x, beta=1.0, c=self._upper, trans=1, lower=0, overwrite_c=1)
+        self._gram = None
+        if self.keep_features:
+            self._chunks.append(np.array(features, dtype=np.float32))
+        if logits is not None:
+            self._add_logits(logits, split_ids)
 
-    def stats(self) -> FeatureStats:
-        upper = np.triu(self._upper)
-        return FeatureStats(self.n, self.sum.copy(), np.ascontiguousarray(upper + np.triu(upper, 1).T))
-
-
-@dataclass
-class SplitStats:
-    """IS partial per split s: count, Σp and Σ Σ_y p·log p over the split's samples."""
-
-    n: np.ndarray  # (S,) int64
-    sum_p: np.ndarray  # (S, C) float64
-    sum_plogp: np.ndarray  # (S,) float64
-
-    @classmethod
-    def empty(cls, splits: int, classes: int) -> SplitStats:
-        return cls(np.zeros(splits, np.int64), np.zeros((splits, classes)), np.zeros(splits))
-
-    @classmethod
-    def of(cls, logits: np.ndarray, split_ids: np.ndarray, splits: int) -> SplitStats:
-        s = cls.empty(splits, logits.shape[1])
-        s.add(logits, split_ids)
-        return s
-
-    def add(self, logits: np.ndarray, split_ids: np.ndarray) -> None:
+    def _add_logits(self, logits: np.ndarray, split_ids: np.ndarray) -> None:
+        if self.split_n is None:
+            raise ValueError("these statistics were created without IS splits")
         z = np.asarray(logits, dtype=np.float64)
         log_p = z - z.max(axis=1, keepdims=True)
         log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
         p = np.exp(log_p)
         # xlogy semantics: p == 0 contributes 0 (exp underflow), never 0 * -inf.
         plogp = np.where(p > 0, p * log_p, 0.0).sum(axis=1)
-        np.add.at(self.n, split_ids, 1)
-        np.add.at(self.sum_p, split_ids, p)
-        np.add.at(self.sum_plogp, split_ids, plogp)
+        np.add.at(self.split_n, split_ids, 1)
+        np.add.at(self.split_p, split_ids, p)
+        np.add.at(self.split_plogp, split_ids, plogp)
 
-    def __add__(self, other: SplitStats) -> SplitStats:
-        return SplitStats(self.n + other.n, self.sum_p + other.sum_p, self.sum_plogp + other.sum_plogp)
+    # -- reading -----------------------------------------------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
-        return _save(n=self.n, sum_p=self.sum_p, sum_plogp=self.sum_plogp)
+    @property
+    def gram(self) -> np.ndarray:
+        """XᵀX, exactly symmetric and C-ordered."""
+        self._check_mergeable()
+        if self._gram is None:
+            upper = np.triu(self._upper)
+            self._gram = np.ascontiguousarray(upper + np.triu(upper, 1).T)
+            self._upper = None
+        return self._gram
+
+    @property
+    def features(self) -> np.ndarray | None:
+        """The float32 rows, in order, when they were kept (KID needs them); None otherwise."""
+        if not self.keep_features:
+            return None
+        if len(self._chunks) != 1:
+            dim = self.sum.shape[0]
+            self._chunks = [np.concatenate(self._chunks) if self._chunks else np.empty((0, dim), np.float32)]
+        return self._chunks[0]
+
+    def attach_features(self, rows: np.ndarray) -> None:
+        """Give statistics read without their rows the rows they were computed from (stored apart)."""
+        if len(rows) != self.n:
+            raise ValueError(f"{len(rows)} feature rows for statistics of {self.n} samples")
+        self.keep_features, self._chunks = True, [np.asarray(rows, np.float32)]
+
+    @property
+    def has_splits(self) -> bool:
+        return self.split_n is not None
+
+    def mean(self) -> np.ndarray:
+        return self._moments[0] if self._moments is not None else self.sum / self.n
+
+    def cov(self) -> np.ndarray:
+        """Unbiased covariance (ddof 1), as `np.cov(features, rowvar=False)`."""
+        if self._moments is not None:
+            return self._moments[1]
+        mu = self.mean()
+        cov = (self.gram - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return (cov + cov.T) / 2  # exact symmetry for the eigen route
+
+    # -- merging -----------------------------------------------------------------------------------------------
+
+    def __add__(self, other: FeatureStats) -> FeatureStats:
+        self._check_mergeable()
+        other._check_mergeable()
+        if self.has_splits != other.has_splits:
+            raise ValueError("cannot merge statistics with IS split sums and statistics without them")
+        out = FeatureStats(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
+        if self.has_splits:
+            out.split_n = self.split_n + other.split_n
+            out.split_p = self.split_p + other.split_p
+            out.split_plogp = self.split_plogp + other.split_plogp
+        out.keep_features = self.keep_features and other.keep_features
+        if out.keep_features:
+            out._chunks = [*self._chunks, *other._chunks]
+        return out
+
+    def _check_mergeable(self) -> None:
+        if self._moments is not None:
+            raise MetricInputError("statistics known only by mean and covariance cannot be merged or extended")
+
+    # -- the one encoding --------------------------------------------------------------------------------------
+
+    def to_bytes(self, *, features: bool = True) -> bytes:
+        """`.npz` bytes of every array (features only if kept and asked for), and `meta` as strings."""
+        arrays: dict[str, np.ndarray] = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram}
+        if features and self.keep_features:
+            arrays["features"] = self.features
+        if self.has_splits:
+            arrays.update(split_n=self.split_n, split_p=self.split_p, split_plogp=self.split_plogp)
+        arrays.update({k: np.str_(v) for k, v in self.meta.items()})
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> SplitStats:
-        a = _load(data)
-        return cls(a["n"], a["sum_p"], a["sum_plogp"])
-
-
-def _save(**arrays: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    return buf.getvalue()
-
-
-def _load(data: bytes) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    def from_bytes(cls, data: bytes, *, features: bool = True) -> FeatureStats:
+        """Decode `to_bytes`; `features=False` leaves the feature rows unread."""
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            names = set(z.files)
+            splits = {k: z[k] for k in _SPLIT_FIELDS if k in names}
+            return cls(
+                int(z["n"]),
+                z["sum"],
+                z["gram"],
+                features=z["features"] if features and "features" in names else None,
+                **splits,
+                meta={k: str(z[k]) for k in names - set(_ARRAY_FIELDS)},
+            )

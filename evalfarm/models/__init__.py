@@ -2,16 +2,15 @@
 
 from evalfarm.models.extractor import FeatureExtractor, resolve_device
 from evalfarm.models.inception import NUM_LOGITS, POOL3_DIM, FIDInceptionV3
-from evalfarm.models.resize import RESIZE_MODES
-from evalfarm.models.weights import Weights, resolve_weights
+from evalfarm.models.weights import Weights, load_weights, resolve_weights
 
 __all__ = [
     "FIDInceptionV3",
     "FeatureExtractor",
     "NUM_LOGITS",
     "POOL3_DIM",
-    "RESIZE_MODES",
     "Weights",
+    "load_weights",
     "resolve_device",
     "resolve_weights",
 ]

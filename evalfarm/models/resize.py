@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 INPUT_SIZE = 299
-RESIZE_MODES = ("tf", "clean")
 
 
 def _tf_grid(n_in: int, n_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from evalfarm.errors import WeightsError
+from evalfarm.settings import Settings
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 CANONICAL_SHA256_PREFIX = "6726825d"  #: the name's hash prefix, as `load_state_dict_from_url(check_hash=True)` checks
@@ -73,6 +74,11 @@ def resolve_weights(path: str | os.PathLike | None, cache_dir: Path, *, allow_do
             + _MISSING_HELP.format(name=WEIGHTS_FILENAME, url=WEIGHTS_URLS[0])
         )
     return download_weights(cached)
+
+
+def load_weights(settings: Settings, path: str | os.PathLike | None = None) -> Weights:
+    """The weights this machine is configured with: `path`, else EVALFARM_WEIGHTS, else the canonical file."""
+    return resolve_weights(path or settings.weights, settings.weights_cache, allow_download=settings.allow_download)
 
 
 def download_weights(dest: Path, urls: tuple[str, ...] = WEIGHTS_URLS) -> Weights:

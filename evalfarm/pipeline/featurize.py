@@ -7,31 +7,17 @@ GPU is not starved by PIL. Memory stays bounded by a few batches plus the shard'
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from evalfarm.errors import JobCancelled, MetricInputError, SourceError
-from evalfarm.metrics import FeatureAccumulator, FeatureStats, SplitStats
-from evalfarm.models import POOL3_DIM, FeatureExtractor
+from evalfarm.metrics import FeatureStats
+from evalfarm.models import NUM_LOGITS, POOL3_DIM, FeatureExtractor
 from evalfarm.models.resize import INPUT_SIZE, resize_clean_bicubic, resize_tf_bilinear
 from evalfarm.sources import Source
-
-
-@dataclass
-class ShardOutput:
-    features: np.ndarray  # (n, 2048) float32, for KID
-    feature_stats: FeatureStats  # FID partial
-    split_stats: SplitStats | None  # IS partial (samples side only)
-    seconds: float
-
-    @property
-    def n(self) -> int:
-        return self.feature_stats.n
 
 
 class _Failed:
@@ -91,9 +77,9 @@ def featurize_range(
     splits: int = 0,
     on_batch: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-) -> ShardOutput:
-    """Features, FID partial and (given split ids for the range) IS partial of samples [start, stop)."""
-    t0 = time.perf_counter()
+    keep_features: bool = True,
+) -> FeatureStats:
+    """Statistics of samples [start, stop): FID sums, feature rows, and (given split ids) IS split sums."""
     workers = default_num_workers() if num_workers is None else num_workers
     loader = DataLoader(
         _BatchDataset(source, start, stop, batch_size, resize),
@@ -102,9 +88,8 @@ def featurize_range(
         pin_memory=extractor.device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    features = np.empty((stop - start, POOL3_DIM), np.float32)
-    fstats = FeatureAccumulator(POOL3_DIM)
-    sstats = SplitStats.empty(splits, extractor.fc_weight.shape[1]) if split_ids is not None else None
+    stats = FeatureStats.new(POOL3_DIM, splits=splits if split_ids is not None else 0, classes=NUM_LOGITS,
+                             keep_features=keep_features)
     done = 0
     for batch in loader:
         if isinstance(batch, _Failed):
@@ -116,11 +101,11 @@ def featurize_range(
         if not np.all(np.isfinite(pool3)):
             bad = start + done + int(np.argwhere(~np.isfinite(pool3).all(axis=1))[0, 0])
             raise MetricInputError(f"non-finite Inception features for {source.name_of(bad)}")
-        features[done : done + n] = pool3
-        fstats.add(pool3)
-        if sstats is not None:
-            sstats.add(extractor.logits(pool3), split_ids[done : done + n])
+        if split_ids is not None:
+            stats.add(pool3, extractor.logits(pool3), split_ids[done : done + n])
+        else:
+            stats.add(pool3)
         done += n
         if on_batch is not None:
             on_batch(n)
-    return ShardOutput(features, fstats.stats(), sstats, time.perf_counter() - t0)
+    return stats

@@ -1,36 +1,114 @@
-"""Where finished shards leave their partial statistics and features until the reducer merges them.
+"""Where finished shards leave their statistics until the reducer merges them.
 
 Keyed by (job, side, shard): a shard that runs twice overwrites its own entry and never adds twice.
-The embedded runner keeps them in memory; the farm keeps small partials in Redis and features in the
-feature store (see `evalfarm.workers.partials`).
+The embedded runner keeps them in memory. The farm cannot put them in Redis whole: one shard's XᵀX is
+2048² float64 = 32 MiB, and a thousand of those would make Redis' memory unpredictable. So the shard's
+`FeatureStats` bytes and its feature rows go to the feature store, and Redis holds a small record per
+shard with their SHA-256 digests. A reducer that finds the record missing (Redis restarted or flushed),
+a file missing, or a digest that differs gets None, and the shard is recomputed instead of guessed.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import hashlib
+import io
+from typing import TYPE_CHECKING, Protocol
 
-from evalfarm.pipeline import ShardOutput
+import numpy as np
+
+from evalfarm.metrics import FeatureStats
+from evalfarm.scheduler.store import FeatureStore
+
+if TYPE_CHECKING:
+    import redis
+
+PARTIAL_TTL_S = 7 * 24 * 3600  #: partials of an abandoned job expire; a finished job deletes its own
 
 
 class PartialStore(Protocol):
-    def put(self, job_id: str, side: str, shard: int, output: ShardOutput) -> None: ...
+    """The seam between a shard and the reducer. Implementations must make `put` an overwrite."""
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> ShardOutput | None:
-        """The stored output, or None when it was lost (e.g. Redis restarted); features only if asked."""
+    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
+        """Record a finished shard's statistics (with its feature rows, when kept)."""
 
-    def drop(self, job_id: str) -> None: ...
+    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
+        """The stored statistics, or None when they were lost; feature rows only if asked for."""
+
+    def drop(self, job_id: str) -> None:
+        """Forget every shard of the job (it finished, failed or was cancelled)."""
 
 
 class MemoryPartials:
+    """In this process, for the embedded runner and the state machine's unit tests."""
+
     def __init__(self) -> None:
-        self._items: dict[tuple[str, str, int], ShardOutput] = {}
+        self._items: dict[tuple[str, str, int], FeatureStats] = {}
 
-    def put(self, job_id: str, side: str, shard: int, output: ShardOutput) -> None:
-        self._items[(job_id, side, shard)] = output
+    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
+        self._items[(job_id, side, shard)] = stats
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> ShardOutput | None:
+    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
         return self._items.get((job_id, side, shard))
 
     def drop(self, job_id: str) -> None:
         for key in [k for k in self._items if k[0] == job_id]:
             del self._items[key]
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class RedisPartials:
+    """Statistics and feature rows in the feature store, their digests in Redis (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis, store: FeatureStore, ttl_s: int = PARTIAL_TTL_S) -> None:
+        self.redis, self.store, self.ttl_s = client, store, ttl_s
+
+    @staticmethod
+    def _key(job_id: str, side: str, shard: int) -> str:
+        return f"evalfarm:partial:{job_id}:{side}:{shard}"
+
+    @staticmethod
+    def _file(job_id: str, side: str, shard: int, what: str) -> str:
+        return f"jobs/{job_id}/{side}/{shard:06d}.{what}"
+
+    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
+        blobs = {"stats.npz": stats.to_bytes(features=False)}
+        if stats.keep_features:
+            buf = io.BytesIO()
+            np.save(buf, np.ascontiguousarray(stats.features), allow_pickle=False)
+            blobs["features.npy"] = buf.getvalue()
+        record: dict[str, str | int] = {"n": stats.n}
+        for what, data in blobs.items():
+            self.store.put_bytes(self._file(job_id, side, shard, what), data)
+            record[what] = _digest(data)
+        key = self._key(job_id, side, shard)
+        with self.redis.pipeline() as p:  # overwrite, never add: a shard that ran twice leaves one record
+            p.delete(key)
+            p.hset(key, mapping=record)
+            p.expire(key, self.ttl_s)
+            p.execute()
+
+    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
+        record = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(job_id, side, shard)).items()}
+        wanted = ["stats.npz", *(["features.npy"] if features else [])]
+        blobs = {}
+        for what in wanted:
+            if what not in record:
+                return None
+            try:
+                blobs[what] = self.store.get_bytes(self._file(job_id, side, shard, what))
+            except FileNotFoundError:
+                return None
+            if _digest(blobs[what]) != record[what]:
+                return None
+        stats = FeatureStats.from_bytes(blobs["stats.npz"])
+        if features:
+            stats.attach_features(np.load(io.BytesIO(blobs["features.npy"]), allow_pickle=False))
+        return stats
+
+    def drop(self, job_id: str) -> None:
+        for key in self.redis.scan_iter(match=f"evalfarm:partial:{job_id}:*", count=500):
+            self.redis.delete(key)
+        self.store.delete_prefix(f"jobs/{job_id}")

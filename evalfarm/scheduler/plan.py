@@ -1,37 +1,93 @@
-"""Planning: read each side once (count, content hash), decide how it is obtained, and cut it into shards."""
+"""The plan of a job: how each side is obtained, and its shards. Decided once, at planning, and stored.
+
+Planning reads each side once (count, content hash). A side is featurized in shards, loaded from the
+feature store (a named or cached reference), or read from a pytorch-fid statistics file.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evalfarm.config import EvalConfig
 from evalfarm.errors import MetricInputError, SourceError
 from evalfarm.metrics import check_kid_inputs
-from evalfarm.references import check_compatible, is_stats_file, load_stats_file
+from evalfarm.scheduler.references import (
+    NamedReference,
+    check_compatible,
+    is_stats_file,
+    load_stats_file,
+    reference_key,
+)
+from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import open_source
-from evalfarm.store import FeatureStore, reference_key
 
 SAMPLES, REFERENCE = "samples", "reference"
+SIDES = (SAMPLES, REFERENCE)
 
 
-def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-    return [(s, min(s + shard_size, n)) for s in range(0, n, shard_size)]
+class SideSource(str, enum.Enum):
+    SHARDS = "shards"  #: featurized by the job, shard by shard
+    STORED = "stored"  #: statistics already in the feature store (named or cached reference)
+    STATS_FILE = "stats_file"  #: a pytorch-fid mu/sigma file (FID only)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SidePlan:
-    """How one side is obtained: featurized in shards, loaded from the store, or read from a stats file."""
-
     uri: str
     n: int
     content_hash: str | None
-    how: str  # "shards" | "stored" | "stats_file"
+    how: SideSource
     store_key: str | None = None
-    shards: list[tuple[int, int]] | None = None
+    """Where the side's merged statistics are (STORED) or will be cached (SHARDS of a reference)."""
+    shards: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {"uri": self.uri, "n": self.n, "content_hash": self.content_hash, "how": self.how.value,
+                "store_key": self.store_key, "shards": [list(s) for s in self.shards] or None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SidePlan:
+        return cls(d["uri"], d["n"], d.get("content_hash"), SideSource(d["how"]), d.get("store_key"),
+                   tuple((int(a), int(b)) for a, b in d.get("shards") or ()))
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What a job's `plan` column holds, decoded (the JSON keys are those of every stored job)."""
+
+    sides: dict[str, SidePlan] = field(default_factory=dict)
+    reference_name: str | None = None
+    """A reference job registers its statistics under this name."""
+    recomputes: int = 0
+    """How often lost partials sent the job back to `running`."""
+
+    def side(self, side: str) -> SidePlan | None:
+        return self.sides.get(side)
+
+    def with_(self, **changes: Any) -> JobPlan:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {side: p.to_dict() for side, p in self.sides.items()}
+        if self.sides:
+            d.setdefault(REFERENCE, None)
+        if self.reference_name:
+            d["reference_name"] = self.reference_name
+        if self.recomputes:
+            d["recomputes"] = self.recomputes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> JobPlan:
+        d = d or {}
+        sides = {side: SidePlan.from_dict(d[side]) for side in SIDES if d.get(side)}
+        return cls(sides, d.get("reference_name"), int(d.get("recomputes", 0)))
+
+
+def shard_ranges(n: int, shard_size: int) -> tuple[tuple[int, int], ...]:
+    return tuple((s, min(s + shard_size, n)) for s in range(0, n, shard_size))
 
 
 def plan_samples(uri: str, config: EvalConfig) -> SidePlan:
@@ -42,16 +98,16 @@ def plan_samples(uri: str, config: EvalConfig) -> SidePlan:
             f"Inception Score with {config.splits} splits needs at least {config.splits} samples; "
             f"{uri} has {n}. Pass --splits {n} or fewer."
         )
-    return SidePlan(uri, n, source.content_hash(), "shards", shards=shard_ranges(n, config.shard_size))
+    return SidePlan(uri, n, source.content_hash(), SideSource.SHARDS, shards=shard_ranges(n, config.shard_size))
 
 
 def plan_reference(
-    ref: str, config: EvalConfig, store: FeatureStore, weights_sha256: str, named: Any | None = None
+    ref: str, config: EvalConfig, store: FeatureStore, weights_sha256: str, named: NamedReference | None
 ) -> SidePlan:
-    """`named` is a db Reference row when `ref` names one."""
+    """`named` is the registered reference when `ref` names one."""
     if named is not None:
         check_compatible(f"'{named.name}'", named.weights_sha256, named.resize, weights_sha256, config.resize)
-        return SidePlan(named.uri, named.n, named.content_hash, "stored", store_key=named.store_key)
+        return SidePlan(named.uri, named.n, named.content_hash, SideSource.STORED, store_key=named.store_key)
     if is_stats_file(ref):
         if "kid" in config.metrics:
             raise MetricInputError(
@@ -59,7 +115,7 @@ def plan_reference(
                 "Drop kid from --metrics, or pass the reference images (or a reference made by `evalfarm ref create`)."
             )
         stats = load_stats_file(ref, weights_sha256, config.resize)
-        return SidePlan(ref, stats.n, None, "stats_file")
+        return SidePlan(ref, stats.n, None, SideSource.STATS_FILE)
     try:
         source = open_source(ref)
     except SourceError as exc:
@@ -67,8 +123,9 @@ def plan_reference(
     content_hash = source.content_hash()
     key = reference_key(content_hash, weights_sha256, config.resize)
     if config.cache and store.exists(key):
-        return SidePlan(ref, len(source), content_hash, "stored", store_key=key)
-    return SidePlan(ref, len(source), content_hash, "shards", store_key=key, shards=shard_ranges(len(source), config.shard_size))
+        return SidePlan(ref, len(source), content_hash, SideSource.STORED, store_key=key)
+    return SidePlan(ref, len(source), content_hash, SideSource.SHARDS, store_key=key,
+                    shards=shard_ranges(len(source), config.shard_size))
 
 
 def check_sizes(config: EvalConfig, samples: SidePlan, reference: SidePlan | None) -> None:

@@ -64,9 +64,6 @@ class _ArchiveSource(Source):
     def __len__(self) -> int:
         return len(self._members)
 
-    def member_names(self) -> list[str]:
-        return [self._member_name(m) for m in self._members]
-
     def name_of(self, index: int) -> str:
         return f"{self.uri}:{self._member_name(self._members[self._check_index(index)])}"
 

@@ -21,7 +21,7 @@ VISIBILITY_TIMEOUT_S = 3 * SHARD_TIME_LIMIT_S  #: must exceed the time limit (se
 
 def make_app() -> Celery:
     settings = get_settings()
-    app = Celery("evalfarm", broker=settings.redis_url, include=["evalfarm.workers.tasks"])
+    app = Celery("evalfarm", broker=settings.redis_url, include=["evalfarm.workers.tasks", "evalfarm.workers.reconciler"])
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     app.conf.update(
         task_serializer="json",

@@ -11,26 +11,17 @@ from typing import Any
 from tqdm import tqdm
 
 from evalfarm.config import EvalConfig
-from evalfarm.db import session_factory
 from evalfarm.errors import EvalfarmError, JobError
-from evalfarm.models import FeatureExtractor, Weights, resolve_weights
-from evalfarm.scheduler.jobs import Context, create_job, fail_job, load_job, plan_job, reduce_job, run_shard
-from evalfarm.scheduler.partials import MemoryPartials
+from evalfarm.keys import JOB_EVAL
+from evalfarm.models import FeatureExtractor, load_weights
+from evalfarm.scheduler import records
+from evalfarm.scheduler.context import embedded_context
+from evalfarm.scheduler.job import EMBEDDED
+from evalfarm.scheduler.steps import fail_job, plan_job, reduce_job, run_shard
 from evalfarm.settings import Settings, get_settings
-from evalfarm.store import FeatureStore
 
 
-def local_context(settings: Settings) -> Context:
-    return Context(session_factory(settings.db_url), FeatureStore(settings.store), MemoryPartials())
-
-
-def load_weights(settings: Settings, weights: str | None = None) -> Weights:
-    return resolve_weights(
-        weights or settings.weights, settings.weights_cache, allow_download=settings.allow_download
-    )
-
-
-def run_local(
+def run_embedded(
     samples: str,
     ref: str | None,
     config: EvalConfig,
@@ -38,7 +29,7 @@ def run_local(
     settings: Settings | None = None,
     weights: str | None = None,
     device: str | None = None,
-    kind: str = "eval",
+    kind: str = JOB_EVAL,
     reference_name: str | None = None,
     run: str | None = None,
     step: int | None = None,
@@ -46,41 +37,33 @@ def run_local(
     progress: bool = False,
     num_workers: int | None = None,
 ) -> dict[str, Any]:
+    """Evaluate (or, with kind "reference", register) a sample set here; returns the result document."""
     settings = settings or get_settings()
     w = load_weights(settings, weights)
-    ctx = local_context(settings)
-    job_id = create_job(
-        ctx,
-        samples=samples,
-        ref=ref,
-        config=config,
-        weights_sha256=w.sha256,
-        mode="embedded",
-        kind=kind,
-        run=run,
-        step=step,
-        tags=tags,
-        reference_name=reference_name,
+    ctx = embedded_context(settings)
+    job_id = records.create_job(
+        ctx.sessions, samples=samples, ref=ref, config=config, weights_sha256=w.sha256, mode=EMBEDDED, kind=kind,
+        run=run, step=step, tags=tags, reference_name=reference_name,
     )
     try:
-        todo = plan_job(ctx, job_id)
-        job = load_job(ctx, job_id)
-        shards = {(sh.side, sh.index): sh.stop - sh.start for sh in job.shards}
+        todo = plan_job(ctx, job_id, w.sha256).shards
+        sizes = {(sh.side, sh.index): sh.stop - sh.start for sh in records.shards_of(ctx.sessions, job_id)}
         extractor = FeatureExtractor(w, device or settings.device, config.precision) if todo else None
-        with tqdm(total=sum(shards.values()), unit="img", desc="featurizing", disable=not progress) as bar:
+        with tqdm(total=sum(sizes.values()), unit="img", desc="featurizing", disable=not progress) as bar:
             for side, index in todo:
                 run_shard(
                     ctx, job_id, side, index, extractor,
                     num_workers=num_workers if num_workers is not None else settings.loader_workers,
-                    on_batch=bar.update,
+                    on_batch=bar.update, heartbeat_s=settings.heartbeat_s,
                 )
-        result = reduce_job(ctx, job_id)
-        if not isinstance(result, dict):
-            raise JobError(f"job {job_id} did not finish: {load_job(ctx, job_id).error or 'unknown state'}")
-        return result
+        outcome = reduce_job(ctx, job_id)
+        if outcome.result is None:
+            raise JobError(f"job {job_id} did not finish: {records.get_job(ctx.sessions, job_id).error or 'unknown state'}")
+        return outcome.result
     except EvalfarmError as exc:
         fail_job(ctx, job_id, str(exc))
         raise
     except BaseException as exc:
         fail_job(ctx, job_id, f"{type(exc).__name__}: {exc}")
         raise
+

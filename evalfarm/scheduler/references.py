@@ -1,12 +1,12 @@
 """Reference statistics: the cache keyed by content, named references, and pytorch-fid `mu`/`sigma` files.
 
 A reference is only usable with the weights and resize mode that produced it; using it with others would
-compare features from two different networks, so that is refused rather than computed.
+compare features from two different networks, so that is refused rather than computed. Cached
+references are `FeatureStats` bytes whose `meta` records what they depend on.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,50 +14,28 @@ import numpy as np
 from evalfarm.errors import ReferenceMismatchError, SourceError
 from evalfarm.metrics import FeatureStats
 from evalfarm.models import POOL3_DIM
-from evalfarm.pipeline.reduce import SideStats
-from evalfarm.store import FeatureStore
+from evalfarm.scheduler.store import FeatureStore
 
 
-@dataclass
-class StoredReference:
-    """Merged statistics and features of a featurized reference set, with what they depend on."""
+def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
+    """Cached reference statistics are keyed by what determines them: content, weights and resize mode."""
+    return f"refs/{content_hash[:32]}-{weights_sha256[:16]}-{resize}.npz"
 
-    feature_stats: FeatureStats
-    features: np.ndarray
-    content_hash: str
-    weights_sha256: str
-    resize: str
 
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        np.savez(
-            buf,
-            n=np.int64(self.feature_stats.n),
-            sum=self.feature_stats.sum,
-            gram=self.feature_stats.gram,
-            features=self.features,
-            content_hash=np.str_(self.content_hash),
-            weights_sha256=np.str_(self.weights_sha256),
-            resize=np.str_(self.resize),
-        )
-        return buf.getvalue()
+def store_reference(
+    store: FeatureStore, key: str, stats: FeatureStats, *, content_hash: str, weights_sha256: str, resize: str
+) -> None:
+    stats.meta = {"content_hash": content_hash, "weights_sha256": weights_sha256, "resize": resize}
+    store.put_bytes(key, stats.to_bytes())
 
-    @classmethod
-    def from_bytes(cls, data: bytes) -> StoredReference:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            return cls(
-                FeatureStats(int(z["n"]), z["sum"], z["gram"]),
-                z["features"],
-                str(z["content_hash"]),
-                str(z["weights_sha256"]),
-                str(z["resize"]),
-            )
 
-    def side(self) -> SideStats:
-        return SideStats.from_partials([self.feature_stats], features=[self.features])
-
-    def check(self, weights_sha256: str, resize: str, what: str) -> None:
-        check_compatible(what, self.weights_sha256, self.resize, weights_sha256, resize)
+def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: str, what: str) -> FeatureStats | None:
+    """The cached statistics at `key`, checked against the job's weights and resize; None when absent."""
+    if not store.exists(key):
+        return None
+    stats = FeatureStats.from_bytes(store.get_bytes(key))
+    check_compatible(what, stats.meta.get("weights_sha256"), stats.meta.get("resize"), weights_sha256, resize)
+    return stats
 
 
 def check_compatible(what: str, ref_weights: str | None, ref_resize: str | None, weights: str, resize: str) -> None:
@@ -73,10 +51,6 @@ def check_compatible(what: str, ref_weights: str | None, ref_resize: str | None,
         )
 
 
-def load_cached(store: FeatureStore, key: str) -> StoredReference | None:
-    return StoredReference.from_bytes(store.get_bytes(key)) if store.exists(key) else None
-
-
 def is_stats_file(path: str) -> bool:
     """A `.npz` holding `mu` and `sigma` (pytorch-fid's format) rather than images."""
     if not path.endswith(".npz"):
@@ -88,8 +62,8 @@ def is_stats_file(path: str) -> bool:
         return False
 
 
-def load_stats_file(path: str, weights_sha256: str, resize: str) -> SideStats:
-    """Read pytorch-fid `mu`/`sigma`; files exported by evalfarm also carry the weights hash and resize."""
+def load_stats_file(path: str, weights_sha256: str, resize: str) -> FeatureStats:
+    """Read pytorch-fid `mu`/`sigma`; files written by evalfarm also carry the weights hash and resize."""
     with np.load(path, allow_pickle=False) as z:
         mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
         meta_w = str(z["weights_sha256"]) if "weights_sha256" in z.files else None
@@ -103,16 +77,17 @@ def load_stats_file(path: str, weights_sha256: str, resize: str) -> SideStats:
     if not (np.all(np.isfinite(mu)) and np.all(np.isfinite(sigma))):
         raise SourceError(f"{path} holds non-finite statistics.")
     check_compatible(path, meta_w, meta_r, weights_sha256, resize)
-    return SideStats(n=n, mu=mu, sigma=sigma)
+    return FeatureStats.from_moments(mu, sigma, n)
 
 
-def export_stats_file(path: str, ref: StoredReference) -> None:
-    side = ref.side()
-    np.savez(
-        path,
-        mu=side.mu,
-        sigma=side.sigma,
-        n=np.int64(side.n),
-        weights_sha256=np.str_(ref.weights_sha256),
-        resize=np.str_(ref.resize),
-    )
+@dataclass(frozen=True)
+class NamedReference:
+    """A registered reference: its statistics sit in the feature store under `store_key`."""
+
+    name: str
+    uri: str
+    content_hash: str
+    weights_sha256: str
+    resize: str
+    n: int
+    store_key: str

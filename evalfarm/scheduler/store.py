@@ -13,15 +13,15 @@ import tempfile
 import uuid
 from pathlib import Path
 
-
-def _is_url(root: str) -> bool:
-    return "://" in root and not root.startswith("file://")
+from evalfarm.sources import is_url
 
 
 class FeatureStore:
+    """Bytes by key under one root; every write is atomic, so a key holds a whole value or nothing."""
+
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
-        if _is_url(self.root):
+        if is_url(self.root) and not self.root.startswith("file://"):
             import fsspec
 
             self.fs, self.base = fsspec.core.url_to_fs(self.root)

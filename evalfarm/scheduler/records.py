@@ -1,0 +1,325 @@
+"""Every read and write of a job's rows that the lifecycle makes: the one place that speaks SQL for it.
+
+Each transition is a guarded UPDATE (`WHERE state = ...`), so concurrent workers, redelivered messages
+and a second reducer agree on one outcome: shards are keyed by (job, side, index), completion is a state
+(never a counter that can be bumped twice), and the move to `reducing` is won by exactly one shard.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from evalfarm.config import EvalConfig
+from evalfarm.db import FINAL_STATES, Job, JobState, Reference, Result, Shard, ShardState
+from evalfarm.db.models import utcnow
+from evalfarm.errors import JobError, WeightsError
+from evalfarm.keys import JOB_EVAL
+from evalfarm.scheduler.job import JobSnapshot
+from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan
+from evalfarm.scheduler.references import NamedReference
+
+Sessions = sessionmaker[Session]
+
+
+def create_job(
+    sessions: Sessions,
+    *,
+    samples: str,
+    ref: str | None,
+    config: EvalConfig,
+    weights_sha256: str | None,
+    mode: str,
+    kind: str,
+    run: str | None = None,
+    step: int | None = None,
+    tags: dict[str, Any] | None = None,
+    reference_name: str | None = None,
+) -> str:
+    """Record a queued job; a request that cannot give the metrics it asks for is refused, with no row."""
+    if kind == JOB_EVAL and config.needs_reference and not ref:
+        raise JobError("FID and KID need a reference: pass --ref, or request --metrics is only.")
+    if kind == JOB_EVAL and not config.metrics:
+        raise JobError("no metrics requested.")
+    job_id = str(uuid.uuid4())
+    with sessions.begin() as s:
+        s.add(
+            Job(
+                id=job_id, state=JobState.QUEUED, mode=mode, kind=kind, samples_uri=samples, reference_uri=ref,
+                config=config.to_dict(), weights_sha256=weights_sha256, run=run, step=step, tags=tags or {},
+                plan=JobPlan(reference_name=reference_name).to_dict(),
+            )
+        )
+    return job_id
+
+
+def get_job(sessions: Sessions, job_id: str) -> JobSnapshot:
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise JobError(f"no job {job_id}")
+        return JobSnapshot.of(job)
+
+
+def job_state(sessions: Sessions, job_id: str) -> JobState | None:
+    with sessions() as s:
+        return s.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def shards_of(sessions: Sessions, job_id: str) -> list[Shard]:
+    """The job's shard rows (detached), by side and index."""
+    with sessions() as s:
+        return list(s.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.side, Shard.index)))
+
+
+# -- planning ----------------------------------------------------------------------------------------------------
+
+
+def start_planning(sessions: Sessions, job_id: str) -> bool:
+    """queued → planning; False when the job was planned already (a redelivered message) or cancelled."""
+    with sessions.begin() as s:
+        return s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
+            .values(state=JobState.PLANNING, started_at=utcnow())
+        ).rowcount == 1
+
+
+def named_reference(sessions: Sessions, name: str) -> NamedReference | None:
+    with sessions() as s:
+        r = s.get(Reference, name)
+        if r is None:
+            return None
+        return NamedReference(r.name, r.uri, r.content_hash, r.weights_sha256, r.resize, r.n, r.store_key)
+
+
+def record_plan(sessions: Sessions, job_id: str, plan: JobPlan, weights_sha256: str) -> list[tuple[str, int]]:
+    """Write the shard rows and the plan, pin the weights, and move on: to `running`, or straight to
+    `reducing` when nothing needs featurizing. Returns the shards to run, in order."""
+    todo: list[tuple[str, int]] = []
+    with sessions.begin() as s:
+        for side, side_plan in plan.sides.items():
+            for i, (start, stop) in enumerate(side_plan.shards):
+                s.add(Shard(job_id=job_id, side=side, index=i, start=start, stop=stop, state=ShardState.PENDING,
+                            attempts=0))
+                todo.append((side, i))
+        job = s.get(Job, job_id, with_for_update=True)
+        if job.state != JobState.PLANNING:
+            raise JobError(f"job {job_id} changed state to {job.state} while planning")
+        job.plan = plan.to_dict()
+        job.weights_sha256 = weights_sha256
+        samples, reference = plan.side(SAMPLES), plan.side(REFERENCE)
+        job.samples_hash, job.n_samples = samples.content_hash, samples.n
+        if reference is not None:
+            job.reference_hash, job.n_reference = reference.content_hash, reference.n
+        job.state = JobState.RUNNING if todo else JobState.REDUCING
+    return todo
+
+
+# -- shards --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShardClaim:
+    """A shard this worker now runs: its row, its range, and the job it belongs to."""
+
+    shard_id: int
+    start: int
+    stop: int
+    attempt: int
+    job: JobSnapshot
+
+
+def claim_shard(
+    sessions: Sessions,
+    job_id: str,
+    side: str,
+    index: int,
+    *,
+    worker: str,
+    weights_sha256: str,
+    lease_s: float | None,
+    max_attempts: int,
+) -> ShardClaim | None:
+    """pending/running → running under this worker, or None when there is nothing to do: the job is no longer
+    running, the shard is done (a duplicate delivery), or another worker holds a live lease on it."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id)
+        shard = s.scalar(select(Shard).where(Shard.job_id == job_id, Shard.side == side, Shard.index == index))
+        if job is None or shard is None or job.state != JobState.RUNNING or shard.state == ShardState.DONE:
+            return None
+        if lease_s is not None and shard.state == ShardState.RUNNING and _age_s(shard.heartbeat_at) < lease_s:
+            return None
+        if shard.attempts >= max_attempts:
+            raise JobError(f"started {max_attempts} times without finishing (its worker died each time: out of memory?)")
+        if job.weights_sha256 != weights_sha256:
+            raise WeightsError(
+                f"this worker's Inception weights (sha256 {weights_sha256[:12]}…) differ from the job's "
+                f"({(job.weights_sha256 or '')[:12]}…); refusing to compute numbers with other weights. Point "
+                "EVALFARM_WEIGHTS on every worker at the same file."
+            )
+        shard.state, shard.attempts, shard.worker = ShardState.RUNNING, shard.attempts + 1, worker
+        shard.started_at = shard.heartbeat_at = utcnow()
+        shard.error = None
+        return ShardClaim(shard.id, shard.start, shard.stop, shard.attempts, JobSnapshot.of(job))
+
+
+def beat(sessions: Sessions, shard_id: int, job_id: str) -> JobState | None:
+    """Refresh a running shard's lease; returns its job's state, so the shard can notice a cancel."""
+    with sessions.begin() as s:
+        s.execute(update(Shard).where(Shard.id == shard_id).values(heartbeat_at=utcnow()))
+        return s.scalar(select(Job.state).where(Job.id == job_id))
+
+
+def finish_shard(sessions: Sessions, shard_id: int, seconds: float) -> None:
+    with sessions.begin() as s:
+        s.execute(
+            update(Shard)
+            .where(Shard.id == shard_id)
+            .values(state=ShardState.DONE, finished_at=utcnow(), seconds=seconds, error=None)
+        )
+
+
+def try_start_reduce(sessions: Sessions, job_id: str) -> bool:
+    """running → reducing once no shard is left; True for exactly one caller."""
+    with sessions.begin() as s:
+        left = s.scalar(
+            select(func.count()).select_from(Shard).where(Shard.job_id == job_id, Shard.state != ShardState.DONE)
+        )
+        if left:
+            return False
+        return s.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING).values(state=JobState.REDUCING)
+        ).rowcount == 1
+
+
+def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int, error: str, *, final: bool) -> None:
+    """A failed attempt goes back to pending for a retry; a final one marks the shard failed."""
+    with sessions.begin() as s:
+        s.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.side == side, Shard.index == index, Shard.state != ShardState.DONE)
+            .values(state=ShardState.FAILED if final else ShardState.PENDING, error=error, finished_at=utcnow())
+        )
+
+
+def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], max_recomputes: int) -> list[tuple[str, int]]:
+    """reducing → running with the shards whose partials were lost back to pending; after `max_recomputes`
+    such rounds the job fails instead. Returns the shards to run again (none when it failed)."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        plan = JobPlan.from_dict(job.plan)
+        if plan.recomputes + 1 > max_recomputes:
+            job.state, job.finished_at = JobState.FAILED, utcnow()
+            job.error = f"partial statistics of shards {lost} were lost {max_recomputes} times; giving up"
+            return []
+        job.plan = plan.with_(recomputes=plan.recomputes + 1).to_dict()
+        job.state = JobState.RUNNING
+        for side, index in lost:
+            s.execute(
+                update(Shard)
+                .where(Shard.job_id == job_id, Shard.side == side, Shard.index == index)
+                .values(state=ShardState.PENDING, error="partial statistics lost; recomputing")
+            )
+    return lost
+
+
+# -- ends ----------------------------------------------------------------------------------------------------------
+
+
+def finish_job(sessions: Sessions, job_id: str, values: dict[str, float], result: dict[str, Any]) -> tuple[bool, Any]:
+    """reducing → succeeded with one Result row per metric. Returns (True, result) for the reducer that
+    recorded it, (False, the stored result or None) when another got there first or the job ended."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job.state != JobState.REDUCING:
+            return False, job.result
+        for name, value in values.items():
+            s.add(Result(job_id=job_id, name=name, value=value))
+        job.result, job.state, job.finished_at = result, JobState.SUCCEEDED, utcnow()
+    return True, result
+
+
+def fail_job(sessions: Sessions, job_id: str, error: str) -> bool:
+    with sessions.begin() as s:
+        return s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
+            .values(state=JobState.FAILED, error=error, finished_at=utcnow())
+        ).rowcount == 1
+
+
+def cancel_job(sessions: Sessions, job_id: str) -> bool:
+    with sessions.begin() as s:
+        changed = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
+            .values(state=JobState.CANCELLED, finished_at=utcnow(), error="cancelled by user")
+        ).rowcount
+        s.execute(
+            update(Shard)
+            .where(Shard.job_id == job_id, Shard.state.in_((ShardState.PENDING, ShardState.RUNNING)))
+            .values(state=ShardState.FAILED, error="job cancelled")
+        )
+    return bool(changed)
+
+
+def register_reference(sessions: Sessions, ref: NamedReference) -> None:
+    with sessions.begin() as s:
+        s.merge(
+            Reference(name=ref.name, uri=ref.uri, content_hash=ref.content_hash, weights_sha256=ref.weights_sha256,
+                      resize=ref.resize, n=ref.n, store_key=ref.store_key, created_at=utcnow())
+        )
+
+
+# -- the reconciler's view -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LostWork:
+    """Steps whose message or worker was lost, now safe to enqueue again (after the commit that found them)."""
+
+    shards: list[tuple[str, str, int]]  #: (job, side, index), back to pending
+    queued: list[str]  #: jobs to plan
+    reducing: list[str]  #: jobs to reduce
+
+
+def find_lost_work(sessions: Sessions, lease_s: float, *, broker_lost: bool) -> LostWork:
+    """Shards of running jobs whose lease expired go back to pending. When the broker lost its messages,
+    every pending shard and every queued or reducing job is reported too (steps are idempotent, so a
+    duplicate costs time, never correctness)."""
+    cutoff = utcnow() - timedelta(seconds=lease_s)
+    shards = []
+    with sessions.begin() as s:
+        lost = (Shard.state == ShardState.RUNNING) & (Shard.heartbeat_at < cutoff)
+        if broker_lost:
+            lost = lost | (Shard.state == ShardState.PENDING)
+        stale = s.execute(
+            select(Shard.id, Shard.job_id, Shard.side, Shard.index)
+            .join(Job, Job.id == Shard.job_id)
+            .where(Job.state == JobState.RUNNING, lost)
+            .with_for_update(skip_locked=True)
+        ).all()
+        for shard_id, job_id, side, index in stale:
+            s.execute(
+                update(Shard)
+                .where(Shard.id == shard_id, Shard.state != ShardState.DONE)
+                .values(state=ShardState.PENDING, error="worker or message lost; requeued")
+            )
+            shards.append((job_id, side, index))
+        queued = list(s.scalars(select(Job.id).where(Job.state == JobState.QUEUED))) if broker_lost else []
+        reducing = list(s.scalars(select(Job.id).where(Job.state == JobState.REDUCING))) if broker_lost else []
+    return LostWork(shards, queued, reducing)
+
+
+def _age_s(t: datetime | None) -> float:
+    if t is None:
+        return float("inf")
+    if t.tzinfo is None:  # SQLite drops the zone; we always store UTC
+        t = t.replace(tzinfo=timezone.utc)
+    return (utcnow() - t).total_seconds()

@@ -1,0 +1,58 @@
+"""The reconciler: requeues work whose message or worker was lost, from each worker's main process.
+
+One worker at a time runs a pass (a Redis lock that expires with the pass). Expired leases are shards
+whose worker stopped heart-beating (killed, machine lost), which Celery alone would redeliver only after
+the visibility timeout. A restarted or flushed broker is seen by the epoch key vanishing: its queued
+messages are gone, so every unfinished step of every live job is enqueued again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+from celery import signals
+
+from evalfarm.scheduler import records
+from evalfarm.scheduler.context import Context
+from evalfarm.settings import get_settings
+from evalfarm.workers import runtime
+from evalfarm.workers.tasks import featurize_shard, plan_job_task, reduce_job_task
+
+log = logging.getLogger(__name__)
+
+EPOCH_KEY = "evalfarm:epoch"  #: vanishes when Redis restarts without persistence or is flushed
+LOCK_KEY = "evalfarm:reconciler"
+
+
+def reconcile(ctx: Context, client: redis.Redis, lease_s: float) -> records.LostWork:
+    """One pass: find lost work (committing the shards back to pending), then enqueue it."""
+    broker_lost = bool(client.set(EPOCH_KEY, runtime.worker_name(), nx=True))
+    lost = records.find_lost_work(ctx.sessions, lease_s, broker_lost=broker_lost)
+    for job_id, side, index in lost.shards:
+        featurize_shard.delay(job_id, side, index)
+    for job_id in lost.queued:
+        plan_job_task.delay(job_id)
+    for job_id in lost.reducing:
+        reduce_job_task.delay(job_id)
+    return lost
+
+
+def _loop() -> None:
+    settings = get_settings()
+    client = redis.Redis.from_url(settings.redis_url)
+    while True:
+        time.sleep(settings.reconcile_s)
+        try:
+            if client.set(LOCK_KEY, runtime.worker_name(), nx=True, px=int(settings.reconcile_s * 1000)):
+                for job_id, side, index in reconcile(runtime.context(), client, settings.lease_s).shards:
+                    log.warning("requeued shard %s/%s of job %s", side, index, job_id)
+        except Exception:
+            log.warning("reconciler pass failed", exc_info=True)
+
+
+@signals.worker_ready.connect
+def _start(**_: object) -> None:
+    threading.Thread(target=_loop, name="evalfarm-reconciler", daemon=True).start()
