@@ -284,15 +284,34 @@ def _gpu_count() -> int:
     return max(1, sum(line.startswith("GPU ") for line in out.splitlines()))
 
 
-@main.command("flower")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@main.command("flower", context_settings={"ignore_unknown_options": True})
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Interface to bind. Any other than loopback needs --basic-auth (or FLOWER_BASIC_AUTH) or --no-auth.")
 @click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH", metavar="USER:PASSWORD[,...]",
+              help="HTTP basic auth (env FLOWER_BASIC_AUTH; passed to Flower by environment, not on its command line).")
+@click.option("--no-auth", is_flag=True, help="Serve a non-loopback address without auth (behind your own proxy).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
-def flower_cmd(port: int, flower_args: tuple[str, ...]) -> None:
-    """Flower, the live view of workers and tasks (same as `celery -A evalfarm.workers.app flower`)."""
+def flower_cmd(address: str, port: int, basic_auth: str | None, no_auth: bool, flower_args: tuple[str, ...]) -> None:
+    """Flower, the live view of workers and tasks (same as `celery -A evalfarm.workers.app flower`).
+
+    It shows task arguments (job ids) and can revoke tasks, so it binds loopback unless told otherwise, and
+    refuses to serve another address without authentication unless --no-auth says so.
+    """
     import os
 
+    if address not in LOOPBACK and not basic_auth and not no_auth:
+        raise click.UsageError(
+            f"refusing to serve Flower on {address} without authentication: pass --basic-auth USER:PASSWORD "
+            "(or set FLOWER_BASIC_AUTH), or --no-auth if a proxy in front of it authenticates."
+        )
+    if basic_auth:
+        os.environ["FLOWER_BASIC_AUTH"] = basic_auth
     os.execvp(sys.executable, [sys.executable, "-m", "celery", "-A", "evalfarm.workers.app:app", "flower",
-                               f"--port={port}", *flower_args])
+                               f"--address={address}", f"--port={port}", *flower_args])
 
 
 @main.command("submit")

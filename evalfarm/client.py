@@ -61,12 +61,20 @@ class Client:
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 1.0) -> dict[str, Any]:
         """The result document once the job succeeds; JobError if it failed or was cancelled."""
+        from sqlalchemy.exc import OperationalError
+
         from evalfarm.db import JobState
         from evalfarm.scheduler.records import get_job
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            job = get_job(self.ctx.sessions, job_id)
+            try:
+                job = get_job(self.ctx.sessions, job_id)
+            except OperationalError:  # the database is restarting: the job goes on, and so does the wait
+                if deadline is not None and time.monotonic() > deadline:
+                    raise
+                time.sleep(poll_s)
+                continue
             if job.state == JobState.SUCCEEDED:
                 return job.result
             if job.state.final:

@@ -51,6 +51,11 @@ class Settings:
     """A running shard silent this long is presumed dead (worker killed, machine lost) and requeued."""
     reconcile_s: float = field(default_factory=lambda: float(_env("RECONCILE_S", "15")))
     """How often one worker checks for expired leases and a restarted broker."""
+    pending_s: float = field(default_factory=lambda: float(_env("PENDING_S", "600")))
+    """A step sent this long ago that no worker has started is presumed lost and sent again. Longer than a
+    shard waits in a busy queue, or duplicates (harmless: steps are idempotent) cost a little work each."""
+    retention_s: float = field(default_factory=lambda: float(_env("RETENTION_S", "86400")))
+    """Partials and store files of a job that ended longer ago than this are removed by the reconciler."""
 
     @property
     def db_url(self) -> str:

@@ -50,6 +50,22 @@ def evalfarm_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault report: what each injected fault did to its jobs, and how long recovery took."""
+    from .servers import REPORT
+
+    if not REPORT:
+        return
+    terminalreporter.section("fault report (private Redis and Postgres, real workers)")
+    terminalreporter.write_line(f"{'fault':<50} {'jobs ok':>8} {'identical':>10} {'recovery s':>11}")
+    for row in REPORT:
+        same = {True: "yes", False: "NO", None: "-"}[row["identical"]]
+        recovery = "-" if row["recovery_s"] is None else f"{row['recovery_s']:.1f}"
+        terminalreporter.write_line(
+            f"{row['fault']:<50} {row['completed']:>4}/{row['total']:<3} {same:>10} {recovery:>11}"
+        )
+
+
 def pytest_configure(config: pytest.Config) -> None:
     # Two cores here: one for the network, one for decoding. Keep torch from oversubscribing.
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 2))

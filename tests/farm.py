@@ -20,7 +20,9 @@ import sqlalchemy
 
 DATABASE_URL = os.environ.get("EVALFARM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("EVALFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-FAST_LEASES = {"EVALFARM_HEARTBEAT_S": "1", "EVALFARM_LEASE_S": "6", "EVALFARM_RECONCILE_S": "2"}
+#: short leases and deadlines keep recovery tests short (production defaults: 10, 45, 15 and 600 s)
+FAST_LEASES = {"EVALFARM_HEARTBEAT_S": "1", "EVALFARM_LEASE_S": "6", "EVALFARM_RECONCILE_S": "2",
+               "EVALFARM_PENDING_S": "15"}
 
 
 def require_services() -> None:
@@ -48,7 +50,7 @@ def reset_services() -> None:
     url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = sqlalchemy.create_engine(url)
     with engine.begin() as c:
-        c.exec_driver_sql('DROP TABLE IF EXISTS results, shards, "references", jobs, alembic_version CASCADE')
+        c.exec_driver_sql('DROP TABLE IF EXISTS results, shards, "references", reference_builds, jobs, alembic_version CASCADE')
     engine.dispose()
     from evalfarm.db import session as db_session
 

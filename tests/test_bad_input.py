@@ -8,6 +8,7 @@ with other weights) featurize, 25 images in all.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -266,3 +267,36 @@ def test_fid_without_a_reference_is_a_job_error(samples: Path, weights_path: Pat
     with pytest.raises(JobError, match=r"FID and KID need a reference: pass --ref"):
         evalfarm.evaluate(str(samples), None, weights=str(weights_path), metrics=("fid",))
     assert jobs() == []  # refused before a job is recorded
+
+
+# -- errors name the problem, never the content ---------------------------------------------------------------------
+
+
+def test_a_file_that_is_not_an_array_is_refused_without_quoting_its_bytes(tmp_path: Path, weights_path: Path) -> None:
+    secret = tmp_path / "samples.npy"
+    secret.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(SourceError) as caught:
+        evalfarm.evaluate(str(secret), None, weights=str(weights_path), metrics=("is",), splits=2)
+    assert str(secret) in str(caught.value)
+    assert "root" not in str(caught.value).replace(str(tmp_path), "")
+
+
+def test_a_statistics_file_of_pickled_arrays_is_a_clear_error(
+    samples: Path, tmp_path: Path, weights_path: Path, no_featurizing: None
+) -> None:
+    stats = tmp_path / "pickled.npz"
+    np.savez(stats, mu=np.array([object()] * 3, dtype=object), sigma=np.eye(3))
+    with pytest.raises(SourceError, match=r"pickled.npz is not a usable mu/sigma statistics file .*without pickling"):
+        evalfarm.evaluate(str(samples), str(stats), weights=str(weights_path), metrics=("fid",))
+    assert only_job().state == "failed"
+
+
+# -- Flower ------------------------------------------------------------------------------------------------------------
+
+
+def test_flower_refuses_another_address_without_auth() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    proc = run_cli("flower", "--address", "0.0.0.0", env=env)
+    assert proc.returncode == 2
+    assert "refusing to serve Flower on 0.0.0.0 without authentication" in proc.stderr
+    assert "FLOWER_BASIC_AUTH" in proc.stderr

@@ -42,6 +42,13 @@ def test_compose_text() -> None:
     assert "postgresql://evalfarm:${POSTGRES_PASSWORD:-evalfarm}@postgres:5432/evalfarm" in text
 
 
+def test_compose_publishes_the_unauthenticated_ports_on_loopback_only() -> None:
+    text = _compose_text()
+    assert '"127.0.0.1:8080:8080"' in text  # the API
+    assert '"127.0.0.1:5555:5555"' in text  # Flower
+    assert not re.search(r'^\s*- "(8080|5555):', text, re.M)
+
+
 def test_compose_structure() -> None:
     yaml = pytest.importorskip("yaml", reason="PyYAML is not installed; the text checks above still ran")
     doc = yaml.safe_load(_compose_text())

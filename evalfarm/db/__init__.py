@@ -1,6 +1,6 @@
 """Persistence: SQLAlchemy models, typed states and sessions (Postgres in the farm, SQLite embedded)."""
 
-from evalfarm.db.models import FINAL_STATES, Job, JobState, Reference, Result, Shard, ShardState
+from evalfarm.db.models import FINAL_STATES, Job, JobState, Reference, ReferenceBuild, Result, Shard, ShardState
 from evalfarm.db.session import get_engine, session_factory
 
 __all__ = [
@@ -8,6 +8,7 @@ __all__ = [
     "Job",
     "JobState",
     "Reference",
+    "ReferenceBuild",
     "Result",
     "Shard",
     "ShardState",

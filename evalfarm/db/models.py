@@ -92,6 +92,10 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]
+    """When the message of the job's current step (plan or reduce) was last sent: the reconciler's deadline."""
+    heartbeat_at: Mapped[datetime | None]
+    """The lease of a running planner or reducer, refreshed while it works."""
 
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.side, Shard.index", lazy="selectin")
     results: Mapped[list[Result]] = relationship(back_populates="job", lazy="selectin")
@@ -115,6 +119,8 @@ class Shard(Base):
     started_at: Mapped[datetime | None]
     heartbeat_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    enqueued_at: Mapped[datetime | None]
+    """When the shard's message was last sent; a pending shard past EVALFARM_PENDING_S is sent again."""
 
     job: Mapped[Job] = relationship(back_populates="shards")
 
@@ -131,6 +137,17 @@ class Result(Base):
     value: Mapped[float] = mapped_column(Float)
 
     job: Mapped[Job] = relationship(back_populates="results")
+
+
+class ReferenceBuild(Base):
+    """Which job featurizes a reference's content right now: jobs planned meanwhile wait for its statistics
+    instead of featurizing the same images again (single flight)."""
+
+    __tablename__ = "reference_builds"
+
+    store_key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Reference(Base):

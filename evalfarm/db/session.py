@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -10,7 +11,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 _lock = threading.Lock()
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[int, str], Engine] = {}
+"""Keyed by process as well as URL: a pool child forked after its parent connected must not share the
+parent's sockets (two processes on one Postgres connection corrupt each other's protocol state)."""
 
 
 def _normalize(url: str) -> str:
@@ -24,8 +27,9 @@ def _normalize(url: str) -> str:
 def get_engine(url: str) -> Engine:
     """One engine per URL per process, migrated to the latest schema on first use."""
     url = _normalize(url)
+    key = (os.getpid(), url)
     with _lock:
-        if url not in _engines:
+        if key not in _engines:
             if url.startswith("sqlite:///"):
                 Path(url.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
                 engine = create_engine(url, connect_args={"timeout": 30})
@@ -33,8 +37,8 @@ def get_engine(url: str) -> Engine:
             else:
                 engine = create_engine(url, pool_pre_ping=True)
             upgrade(engine)
-            _engines[url] = engine
-        return _engines[url]
+            _engines[key] = engine
+        return _engines[key]
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001

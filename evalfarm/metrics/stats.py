@@ -9,6 +9,7 @@ up to float64 rounding, whatever the number of shards (stylegan3's `FeatureStats
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Mapping
 
@@ -185,6 +186,18 @@ class FeatureStats:
     def _check_mergeable(self) -> None:
         if self._moments is not None:
             raise MetricInputError("statistics known only by mean and covariance cannot be merged or extended")
+
+    def digest(self) -> str:
+        """SHA-256 of every array (not of their encoding): what a cached copy is checked against on read."""
+        h = hashlib.sha256()
+        arrays = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram, "features": self.features,
+                  "split_n": self.split_n, "split_p": self.split_p, "split_plogp": self.split_plogp}
+        for name, array in arrays.items():
+            if array is not None:
+                a = np.ascontiguousarray(array)
+                h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
+                h.update(a.tobytes())
+        return h.hexdigest()
 
     # -- the one encoding --------------------------------------------------------------------------------------
 

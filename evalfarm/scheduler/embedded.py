@@ -45,18 +45,28 @@ def run_embedded(
         ctx.sessions, samples=samples, ref=ref, config=config, weights_sha256=w.sha256, mode=EMBEDDED, kind=kind,
         run=run, step=step, tags=tags, reference_name=reference_name,
     )
-    try:
-        todo = plan_job(ctx, job_id, w.sha256).shards
+    extractor: FeatureExtractor | None = None
+
+    def featurize(shards: tuple[tuple[str, int], ...]) -> None:
+        nonlocal extractor
+        if not shards:
+            return
+        extractor = extractor or FeatureExtractor(w, device or settings.device, config.precision)
         sizes = {(sh.side, sh.index): sh.stop - sh.start for sh in records.shards_of(ctx.sessions, job_id)}
-        extractor = FeatureExtractor(w, device or settings.device, config.precision) if todo else None
-        with tqdm(total=sum(sizes.values()), unit="img", desc="featurizing", disable=not progress) as bar:
-            for side, index in todo:
+        with tqdm(total=sum(sizes[s] for s in shards), unit="img", desc="featurizing", disable=not progress) as bar:
+            for side, index in shards:
                 run_shard(
                     ctx, job_id, side, index, extractor,
                     num_workers=num_workers if num_workers is not None else settings.loader_workers,
                     on_batch=bar.update, heartbeat_s=settings.heartbeat_s,
                 )
-        outcome = reduce_job(ctx, job_id)
+
+    try:
+        featurize(plan_job(ctx, job_id, w.sha256, heartbeat_s=settings.heartbeat_s).shards)
+        outcome = reduce_job(ctx, job_id, heartbeat_s=settings.heartbeat_s)
+        while outcome.recompute:  # a cached reference turned out unusable: its images are featurized instead
+            featurize(outcome.recompute)
+            outcome = reduce_job(ctx, job_id, heartbeat_s=settings.heartbeat_s)
         if outcome.result is None:
             raise JobError(f"job {job_id} did not finish: {records.get_job(ctx.sessions, job_id).error or 'unknown state'}")
         return outcome.result

@@ -34,6 +34,12 @@ class PartialStore(Protocol):
     def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
         """The stored statistics, or None when they were lost; feature rows only if asked for."""
 
+    def discard(self, job_id: str, side: str, shard: int) -> None:
+        """Forget one shard (it finished after its job was cancelled)."""
+
+    def job_ids(self) -> set[str]:
+        """Jobs that have anything stored, for the janitor."""
+
     def drop(self, job_id: str) -> None:
         """Forget every shard of the job (it finished, failed or was cancelled)."""
 
@@ -49,6 +55,12 @@ class MemoryPartials:
 
     def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
         return self._items.get((job_id, side, shard))
+
+    def discard(self, job_id: str, side: str, shard: int) -> None:
+        self._items.pop((job_id, side, shard), None)
+
+    def job_ids(self) -> set[str]:
+        return {k[0] for k in self._items}
 
     def drop(self, job_id: str) -> None:
         for key in [k for k in self._items if k[0] == job_id]:
@@ -107,6 +119,15 @@ class RedisPartials:
         if features:
             stats.attach_features(np.load(io.BytesIO(blobs["features.npy"]), allow_pickle=False))
         return stats
+
+    def job_ids(self) -> set[str]:
+        in_redis = {k.decode().split(":")[2] for k in self.redis.scan_iter(match="evalfarm:partial:*", count=500)}
+        return in_redis | set(self.store.children("jobs"))
+
+    def discard(self, job_id: str, side: str, shard: int) -> None:
+        self.redis.delete(self._key(job_id, side, shard))
+        for what in ("stats.npz", "features.npy"):
+            self.store.delete(self._file(job_id, side, shard, what))
 
     def drop(self, job_id: str) -> None:
         for key in self.redis.scan_iter(match=f"evalfarm:partial:{job_id}:*", count=500):

@@ -42,15 +42,18 @@ class SidePlan:
     store_key: str | None = None
     """Where the side's merged statistics are (STORED) or will be cached (SHARDS of a reference)."""
     shards: tuple[tuple[int, int], ...] = ()
+    builder: str | None = None
+    """STORED statistics that another job (this id) is featurizing right now; the reducer waits for them."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "n": self.n, "content_hash": self.content_hash, "how": self.how.value,
-                "store_key": self.store_key, "shards": [list(s) for s in self.shards] or None}
+        d = {"uri": self.uri, "n": self.n, "content_hash": self.content_hash, "how": self.how.value,
+             "store_key": self.store_key, "shards": [list(s) for s in self.shards] or None}
+        return {**d, "builder": self.builder} if self.builder else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SidePlan:
         return cls(d["uri"], d["n"], d.get("content_hash"), SideSource(d["how"]), d.get("store_key"),
-                   tuple((int(a), int(b)) for a, b in d.get("shards") or ()))
+                   tuple((int(a), int(b)) for a, b in d.get("shards") or ()), d.get("builder"))
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,9 @@ class JobPlan:
     reference_name: str | None = None
     """A reference job registers its statistics under this name."""
     recomputes: int = 0
-    """How often lost partials sent the job back to `running`."""
+    """How often lost partials or a bad cache sent the job back to `running`."""
+    notes: tuple[str, ...] = ()
+    """What went wrong and was repaired on the way (a corrupt cache file, ...); the result reports them."""
 
     def side(self, side: str) -> SidePlan | None:
         return self.sides.get(side)
@@ -77,13 +82,15 @@ class JobPlan:
             d["reference_name"] = self.reference_name
         if self.recomputes:
             d["recomputes"] = self.recomputes
+        if self.notes:
+            d["notes"] = list(self.notes)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> JobPlan:
         d = d or {}
         sides = {side: SidePlan.from_dict(d[side]) for side in SIDES if d.get(side)}
-        return cls(sides, d.get("reference_name"), int(d.get("recomputes", 0)))
+        return cls(sides, d.get("reference_name"), int(d.get("recomputes", 0)), tuple(d.get("notes", ())))
 
 
 def shard_ranges(n: int, shard_size: int) -> tuple[tuple[int, int], ...]:

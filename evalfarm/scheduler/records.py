@@ -12,16 +12,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, true, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from evalfarm.config import EvalConfig
-from evalfarm.db import FINAL_STATES, Job, JobState, Reference, Result, Shard, ShardState
+from evalfarm.db import FINAL_STATES, Job, JobState, Reference, ReferenceBuild, Result, Shard, ShardState
 from evalfarm.db.models import utcnow
 from evalfarm.errors import JobError, WeightsError
 from evalfarm.keys import JOB_EVAL
 from evalfarm.scheduler.job import JobSnapshot
-from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan
+from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan, SidePlan
 from evalfarm.scheduler.references import NamedReference
 
 Sessions = sessionmaker[Session]
@@ -52,7 +53,7 @@ def create_job(
             Job(
                 id=job_id, state=JobState.QUEUED, mode=mode, kind=kind, samples_uri=samples, reference_uri=ref,
                 config=config.to_dict(), weights_sha256=weights_sha256, run=run, step=step, tags=tags or {},
-                plan=JobPlan(reference_name=reference_name).to_dict(),
+                plan=JobPlan(reference_name=reference_name).to_dict(), enqueued_at=utcnow(),
             )
         )
     return job_id
@@ -81,13 +82,22 @@ def shards_of(sessions: Sessions, job_id: str) -> list[Shard]:
 
 
 def start_planning(sessions: Sessions, job_id: str) -> bool:
-    """queued → planning; False when the job was planned already (a redelivered message) or cancelled."""
+    """queued → planning; False when the job was planned already (a redelivered message) or cancelled.
+    A planner that died leaves `planning`; the reconciler puts such a job back to `queued` to resume it."""
     with sessions.begin() as s:
+        now = utcnow()
         return s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
-            .values(state=JobState.PLANNING, started_at=utcnow())
+            .values(state=JobState.PLANNING, started_at=now, heartbeat_at=now)
         ).rowcount == 1
+
+
+def beat_job(sessions: Sessions, job_id: str) -> JobState | None:
+    """Refresh the lease of a running planner or reducer; returns the job's state."""
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=utcnow()))
+        return s.scalar(select(Job.state).where(Job.id == job_id))
 
 
 def named_reference(sessions: Sessions, name: str) -> NamedReference | None:
@@ -103,10 +113,11 @@ def record_plan(sessions: Sessions, job_id: str, plan: JobPlan, weights_sha256: 
     `reducing` when nothing needs featurizing. Returns the shards to run, in order."""
     todo: list[tuple[str, int]] = []
     with sessions.begin() as s:
+        now = utcnow()  # the caller sends the shards' messages (or the reduce's) right after this commits
         for side, side_plan in plan.sides.items():
             for i, (start, stop) in enumerate(side_plan.shards):
                 s.add(Shard(job_id=job_id, side=side, index=i, start=start, stop=stop, state=ShardState.PENDING,
-                            attempts=0))
+                            attempts=0, enqueued_at=now))
                 todo.append((side, i))
         job = s.get(Job, job_id, with_for_update=True)
         if job.state != JobState.PLANNING:
@@ -118,7 +129,28 @@ def record_plan(sessions: Sessions, job_id: str, plan: JobPlan, weights_sha256: 
         if reference is not None:
             job.reference_hash, job.n_reference = reference.content_hash, reference.n
         job.state = JobState.RUNNING if todo else JobState.REDUCING
+        job.enqueued_at, job.heartbeat_at = now, None
     return todo
+
+
+def claim_reference_build(sessions: Sessions, store_key: str, job_id: str) -> str:
+    """The job that featurizes the reference cached at `store_key`: `job_id` itself, unless another live job
+    is doing it already (single flight). A builder that ended without leaving the cache is taken over."""
+    for _ in range(3):  # two planners inserting at once: one wins the key, the other reads it
+        try:
+            with sessions.begin() as s:
+                build = s.get(ReferenceBuild, store_key, with_for_update=True)
+                if build is None:
+                    s.add(ReferenceBuild(store_key=store_key, job_id=job_id, created_at=utcnow()))
+                    return job_id
+                state = s.scalar(select(Job.state).where(Job.id == build.job_id))
+                if build.job_id != job_id and state is not None and state not in FINAL_STATES:
+                    return build.job_id
+                build.job_id, build.created_at = job_id, utcnow()
+                return job_id
+        except IntegrityError:
+            continue
+    return job_id  # cannot tell who builds it: featurize it here, never wait on a guess
 
 
 # -- shards --------------------------------------------------------------------------------------------------------
@@ -176,13 +208,15 @@ def beat(sessions: Sessions, shard_id: int, job_id: str) -> JobState | None:
         return s.scalar(select(Job.state).where(Job.id == job_id))
 
 
-def finish_shard(sessions: Sessions, shard_id: int, seconds: float) -> None:
+def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> bool:
+    """running → done for the claim that still holds the shard; False when it no longer does (its job was
+    cancelled or failed, or its lease expired and another attempt took over): a final row never changes."""
     with sessions.begin() as s:
-        s.execute(
+        return s.execute(
             update(Shard)
-            .where(Shard.id == shard_id)
+            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt)
             .values(state=ShardState.DONE, finished_at=utcnow(), seconds=seconds, error=None)
-        )
+        ).rowcount == 1
 
 
 def try_start_reduce(sessions: Sessions, job_id: str) -> bool:
@@ -194,16 +228,21 @@ def try_start_reduce(sessions: Sessions, job_id: str) -> bool:
         if left:
             return False
         return s.execute(
-            update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING).values(state=JobState.REDUCING)
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING)
+            .values(state=JobState.REDUCING, enqueued_at=utcnow(), heartbeat_at=None)
         ).rowcount == 1
 
 
 def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int, error: str, *, final: bool) -> None:
-    """A failed attempt goes back to pending for a retry; a final one marks the shard failed."""
+    """A failed attempt goes back to pending for a retry; a final one marks the shard failed. Shards of a job
+    that has ended, and finished shards, keep their state."""
+    live = select(Job.id).where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
     with sessions.begin() as s:
         s.execute(
             update(Shard)
-            .where(Shard.job_id == job_id, Shard.side == side, Shard.index == index, Shard.state != ShardState.DONE)
+            .where(Shard.job_id.in_(live), Shard.side == side, Shard.index == index,
+                   Shard.state.in_((ShardState.PENDING, ShardState.RUNNING)))
             .values(state=ShardState.FAILED if final else ShardState.PENDING, error=error, finished_at=utcnow())
         )
 
@@ -213,6 +252,8 @@ def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], m
     such rounds the job fails instead. Returns the shards to run again (none when it failed)."""
     with sessions.begin() as s:
         job = s.get(Job, job_id, with_for_update=True)
+        if job.state != JobState.REDUCING:  # cancelled or failed while the reducer merged: it stays so
+            return []
         plan = JobPlan.from_dict(job.plan)
         if plan.recomputes + 1 > max_recomputes:
             job.state, job.finished_at = JobState.FAILED, utcnow()
@@ -224,9 +265,35 @@ def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], m
             s.execute(
                 update(Shard)
                 .where(Shard.job_id == job_id, Shard.side == side, Shard.index == index)
-                .values(state=ShardState.PENDING, error="partial statistics lost; recomputing")
+                .values(state=ShardState.PENDING, error="partial statistics lost; recomputing", enqueued_at=utcnow())
             )
     return lost
+
+
+def replan_side(
+    sessions: Sessions, job_id: str, side: str, side_plan: SidePlan, note: str, max_recomputes: int
+) -> list[tuple[str, int]]:
+    """reducing → running with `side` to be featurized after all (its stored statistics were unusable):
+    its shard rows are written and returned. After `max_recomputes` rounds the job fails instead."""
+    with sessions.begin() as s:
+        job = s.get(Job, job_id, with_for_update=True)
+        if job.state != JobState.REDUCING:
+            return []
+        plan = JobPlan.from_dict(job.plan)
+        if plan.recomputes + 1 > max_recomputes:
+            job.state, job.finished_at = JobState.FAILED, utcnow()
+            job.error = f"{note}; giving up after {max_recomputes} recomputations"
+            return []
+        now, todo = utcnow(), []
+        s.execute(delete(Shard).where(Shard.job_id == job_id, Shard.side == side))
+        for i, (start, stop) in enumerate(side_plan.shards):
+            s.add(Shard(job_id=job_id, side=side, index=i, start=start, stop=stop, state=ShardState.PENDING,
+                        attempts=0, enqueued_at=now))
+            todo.append((side, i))
+        job.plan = plan.with_(sides={**plan.sides, side: side_plan}, recomputes=plan.recomputes + 1,
+                              notes=(*plan.notes, note)).to_dict()
+        job.state = JobState.RUNNING
+    return todo
 
 
 # -- ends ----------------------------------------------------------------------------------------------------------
@@ -269,6 +336,18 @@ def cancel_job(sessions: Sessions, job_id: str) -> bool:
     return bool(changed)
 
 
+def ended_before(sessions: Sessions, job_ids: set[str], cutoff: datetime) -> set[str]:
+    """Of `job_ids`, those that ended before `cutoff` or have no row at all (nothing will ever read them)."""
+    if not job_ids:
+        return set()
+    with sessions() as s:
+        rows = dict(s.execute(select(Job.id, Job.finished_at).where(Job.id.in_(job_ids))
+                              .where(Job.state.in_(FINAL_STATES))).all())
+        known = set(s.scalars(select(Job.id).where(Job.id.in_(job_ids))))
+    ended = {j for j, t in rows.items() if t is None or _before(t, cutoff)}
+    return ended | (job_ids - known)
+
+
 def register_reference(sessions: Sessions, ref: NamedReference) -> None:
     with sessions.begin() as s:
         s.merge(
@@ -282,44 +361,80 @@ def register_reference(sessions: Sessions, ref: NamedReference) -> None:
 
 @dataclass(frozen=True)
 class LostWork:
-    """Steps whose message or worker was lost, now safe to enqueue again (after the commit that found them)."""
+    """Steps whose message or worker was lost, to send again (after the commit that found them)."""
 
-    shards: list[tuple[str, str, int]]  #: (job, side, index), back to pending
+    shards: list[tuple[str, str, int]]  #: (job, side, index) to featurize
     queued: list[str]  #: jobs to plan
     reducing: list[str]  #: jobs to reduce
 
 
-def find_lost_work(sessions: Sessions, lease_s: float, *, broker_lost: bool) -> LostWork:
-    """Shards of running jobs whose lease expired go back to pending. When the broker lost its messages,
-    every pending shard and every queued or reducing job is reported too (steps are idempotent, so a
-    duplicate costs time, never correctness)."""
-    cutoff = utcnow() - timedelta(seconds=lease_s)
-    shards = []
+def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, broker_lost: bool) -> LostWork:
+    """Every live step has a deadline, and this finds the ones past it:
+
+    - a running shard or a planning job whose heartbeat is older than `lease_s` (its worker died); the shard
+      goes back to pending, the job back to queued, so that planning starts over;
+    - a reducing job whose reducer stopped heart-beating for `lease_s`, or whose reduce message was sent
+      more than `pending_s` ago without a reducer starting;
+    - a pending shard or a queued job whose message was sent more than `pending_s` ago (a task that died
+      before it could record anything, a message dropped by a failing broker);
+    - with `broker_lost` (the broker restarted empty or was flushed), every unfinished step at once.
+
+    What it returns is marked as sent now, so the next pass does not send it again before its deadline.
+    Steps are idempotent: a duplicate costs time, never correctness.
+    """
+    now = utcnow()
+    lease_cutoff, pending_cutoff = now - timedelta(seconds=lease_s), now - timedelta(seconds=pending_s)
+    shards: list[tuple[str, str, int]] = []
+    queued: list[str] = []
+    reducing: list[str] = []
     with sessions.begin() as s:
-        lost = (Shard.state == ShardState.RUNNING) & (Shard.heartbeat_at < cutoff)
-        if broker_lost:
-            lost = lost | (Shard.state == ShardState.PENDING)
-        stale = s.execute(
+        dead = (Shard.state == ShardState.RUNNING) & (Shard.heartbeat_at < lease_cutoff)
+        unsent = (Shard.state == ShardState.PENDING) & (
+            true() if broker_lost else (Shard.enqueued_at.is_(None) | (Shard.enqueued_at < pending_cutoff))
+        )
+        for shard_id, job_id, side, index in s.execute(
             select(Shard.id, Shard.job_id, Shard.side, Shard.index)
             .join(Job, Job.id == Shard.job_id)
-            .where(Job.state == JobState.RUNNING, lost)
-            .with_for_update(skip_locked=True)
-        ).all()
-        for shard_id, job_id, side, index in stale:
+            .where(Job.state == JobState.RUNNING, dead | unsent)
+            .with_for_update(of=Shard, skip_locked=True)
+        ).all():
             s.execute(
                 update(Shard)
                 .where(Shard.id == shard_id, Shard.state != ShardState.DONE)
-                .values(state=ShardState.PENDING, error="worker or message lost; requeued")
+                .values(state=ShardState.PENDING, error="worker or message lost; requeued", enqueued_at=now)
             )
             shards.append((job_id, side, index))
-        queued = list(s.scalars(select(Job.id).where(Job.state == JobState.QUEUED))) if broker_lost else []
-        reducing = list(s.scalars(select(Job.id).where(Job.state == JobState.REDUCING))) if broker_lost else []
+        live = (JobState.QUEUED, JobState.PLANNING, JobState.REDUCING)
+        for job_id, state, heartbeat_at, enqueued_at in s.execute(
+            select(Job.id, Job.state, Job.heartbeat_at, Job.enqueued_at)
+            .where(Job.state.in_(live))
+            .with_for_update(skip_locked=True)
+        ).all():
+            if state == JobState.PLANNING:
+                if not _before(heartbeat_at, lease_cutoff):
+                    continue
+                state = JobState.QUEUED  # the planner died: plan again from the start
+            elif not broker_lost:
+                started = heartbeat_at is not None and not _before(heartbeat_at, enqueued_at)
+                if not (_before(heartbeat_at, lease_cutoff) if started else _before(enqueued_at, pending_cutoff)):
+                    continue
+            s.execute(update(Job).where(Job.id == job_id).values(state=state, enqueued_at=now))
+            (queued if state == JobState.QUEUED else reducing).append(job_id)
     return LostWork(shards, queued, reducing)
 
 
-def _age_s(t: datetime | None) -> float:
+def _before(t: datetime | None, cutoff: datetime | None) -> bool:
+    """`t` is older than `cutoff` (a missing time is older than anything)."""
     if t is None:
-        return float("inf")
-    if t.tzinfo is None:  # SQLite drops the zone; we always store UTC
-        t = t.replace(tzinfo=timezone.utc)
-    return (utcnow() - t).total_seconds()
+        return True
+    if cutoff is None:
+        return False
+    return _utc(t) < _utc(cutoff)
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)  # SQLite drops the zone; we store UTC
+
+
+def _age_s(t: datetime | None) -> float:
+    return float("inf") if t is None else (utcnow() - _utc(t)).total_seconds()

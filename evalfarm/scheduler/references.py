@@ -2,7 +2,8 @@
 
 A reference is only usable with the weights and resize mode that produced it; using it with others would
 compare features from two different networks, so that is refused rather than computed. Cached
-references are `FeatureStats` bytes whose `meta` records what they depend on.
+references are `FeatureStats` bytes whose `meta` records what they depend on and the digest of their
+arrays, checked on every read: a cache file that fails it is never used, but reported and recomputed.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evalfarm.errors import ReferenceMismatchError, SourceError
+from evalfarm.errors import EvalfarmError, ReferenceMismatchError, SourceError
 from evalfarm.metrics import FeatureStats
 from evalfarm.models import POOL3_DIM
 from evalfarm.scheduler.store import FeatureStore
+from evalfarm.sources import reason
 
 
 def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
@@ -22,18 +24,37 @@ def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
     return f"refs/{content_hash[:32]}-{weights_sha256[:16]}-{resize}.npz"
 
 
+class CorruptCache(EvalfarmError):
+    """A cached reference file that is unreadable or does not match its digest (names the file, not its bytes)."""
+
+    def __init__(self, path: str, why: str) -> None:
+        super().__init__(f"cached reference statistics {path} are {why}; they were not used")
+        self.path = path
+
+
 def store_reference(
     store: FeatureStore, key: str, stats: FeatureStats, *, content_hash: str, weights_sha256: str, resize: str
 ) -> None:
-    stats.meta = {"content_hash": content_hash, "weights_sha256": weights_sha256, "resize": resize}
+    """Write atomically, with the digest of the arrays beside what they depend on."""
+    stats.meta = {"content_hash": content_hash, "weights_sha256": weights_sha256, "resize": resize,
+                  "sha256": stats.digest()}
     store.put_bytes(key, stats.to_bytes())
 
 
 def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: str, what: str) -> FeatureStats | None:
-    """The cached statistics at `key`, checked against the job's weights and resize; None when absent."""
+    """The cached statistics at `key`, verified and checked against the job's weights and resize; None when
+    absent. CorruptCache when the file cannot be decoded or its arrays do not match their digest."""
     if not store.exists(key):
         return None
-    stats = FeatureStats.from_bytes(store.get_bytes(key))
+    path = store.describe(key)
+    try:
+        stats = FeatureStats.from_bytes(store.get_bytes(key))
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # truncated, not a zip, wrong keys or dtypes, pickled arrays: never trusted
+        raise CorruptCache(path, f"unreadable ({type(exc).__name__})") from exc
+    if stats.meta.get("sha256") != stats.digest():
+        raise CorruptCache(path, "altered (their arrays do not match the digest stored with them)")
     check_compatible(what, stats.meta.get("weights_sha256"), stats.meta.get("resize"), weights_sha256, resize)
     return stats
 
@@ -63,12 +84,19 @@ def is_stats_file(path: str) -> bool:
 
 
 def load_stats_file(path: str, weights_sha256: str, resize: str) -> FeatureStats:
-    """Read pytorch-fid `mu`/`sigma`; files written by evalfarm also carry the weights hash and resize."""
-    with np.load(path, allow_pickle=False) as z:
-        mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
-        meta_w = str(z["weights_sha256"]) if "weights_sha256" in z.files else None
-        meta_r = str(z["resize"]) if "resize" in z.files else None
-        n = int(z["n"]) if "n" in z.files else 0
+    """Read pytorch-fid `mu`/`sigma`; files written by evalfarm also carry the weights hash and resize.
+    Arrays that would need unpickling are refused: a statistics file is numbers, never code."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            mu, sigma = np.asarray(z["mu"], np.float64), np.asarray(z["sigma"], np.float64)
+            meta_w = str(z["weights_sha256"]) if "weights_sha256" in z.files else None
+            meta_r = str(z["resize"]) if "resize" in z.files else None
+            n = int(z["n"]) if "n" in z.files else 0
+    except Exception as exc:  # object (pickled) arrays, strings where numbers belong, a damaged archive
+        raise SourceError(
+            f"{path} is not a usable mu/sigma statistics file ({reason(exc)}); it must hold numeric arrays "
+            "'mu' (2048,) and 'sigma' (2048, 2048), saved without pickling"
+        ) from exc
     if mu.shape != (POOL3_DIM,) or sigma.shape != (POOL3_DIM, POOL3_DIM):
         raise ReferenceMismatchError(
             f"{path} holds statistics of shape mu{mu.shape}, sigma{sigma.shape}; FID-Inception pool3 statistics "

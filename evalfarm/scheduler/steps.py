@@ -7,14 +7,16 @@ planned, a shard delivered twice is counted once, and a second reducer finds the
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from evalfarm import keys
 from evalfarm._version import __version__
-from evalfarm.db import JobState, Shard
+from evalfarm.db import FINAL_STATES, JobState, Shard
 from evalfarm.errors import JobCancelled, JobError, MetricInputError, SourceError, WeightsError
 from evalfarm.metrics import FeatureStats, split_assignment
 from evalfarm.models import FeatureExtractor
@@ -22,7 +24,7 @@ from evalfarm.models.weights import CANONICAL_SHA256_PREFIX
 from evalfarm.pipeline import compute_metrics, featurize_range, kid_subset_size, merge_in_order
 from evalfarm.scheduler import records
 from evalfarm.scheduler.context import Context
-from evalfarm.scheduler.job import JobSnapshot
+from evalfarm.scheduler.job import FARM, JobSnapshot
 from evalfarm.scheduler.lease import Lease
 from evalfarm.scheduler.plan import (
     REFERENCE,
@@ -33,8 +35,10 @@ from evalfarm.scheduler.plan import (
     check_sizes,
     plan_reference,
     plan_samples,
+    shard_ranges,
 )
 from evalfarm.scheduler.references import (
+    CorruptCache,
     NamedReference,
     load_reference,
     load_stats_file,
@@ -42,6 +46,8 @@ from evalfarm.scheduler.references import (
     store_reference,
 )
 from evalfarm.sources import Source, open_source
+
+log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 4  #: a shard started this often (worker deaths included) fails the job: a poison shard
 MAX_RECOMPUTES = 3  #: lost partials are recomputed at most this often before the job fails
@@ -60,10 +66,16 @@ class PlanOutcome:
     reduce: bool = False
 
 
-def plan_job(ctx: Context, job_id: str, weights_sha256: str) -> PlanOutcome:
+def plan_job(ctx: Context, job_id: str, weights_sha256: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> PlanOutcome:
     """Plan the sides, write the shard rows, pin the job to these weights and move it on."""
     if not records.start_planning(ctx.sessions, job_id):
         return PlanOutcome()
+    with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.PLANNING, heartbeat_s):
+        todo = _plan(ctx, job_id, weights_sha256)
+    return PlanOutcome(tuple(todo), reduce=not todo)
+
+
+def _plan(ctx: Context, job_id: str, weights_sha256: str) -> list[tuple[str, int]]:
     job = records.get_job(ctx.sessions, job_id)
     if job.weights_sha256 and job.weights_sha256 != weights_sha256:
         raise WeightsError(
@@ -77,9 +89,12 @@ def plan_job(ctx: Context, job_id: str, weights_sha256: str) -> PlanOutcome:
         named = records.named_reference(ctx.sessions, job.reference_uri)
         reference = plan_reference(job.reference_uri, config, ctx.store, weights_sha256, named)
     check_sizes(config, samples, reference)
+    if reference is not None and reference.how is SideSource.SHARDS and config.cache and job.mode == FARM:
+        builder = records.claim_reference_build(ctx.sessions, reference.store_key, job_id)
+        if builder != job_id:  # the same images, weights and resize are being featurized by that job
+            reference = replace(reference, how=SideSource.STORED, shards=(), builder=builder)
     sides = {SAMPLES: samples, **({REFERENCE: reference} if reference is not None else {})}
-    todo = records.record_plan(ctx.sessions, job_id, job.plan.with_(sides=sides), weights_sha256)
-    return PlanOutcome(tuple(todo), reduce=not todo)
+    return records.record_plan(ctx.sessions, job_id, job.plan.with_(sides=sides), weights_sha256)
 
 
 # -- shards --------------------------------------------------------------------------------------------------------
@@ -124,17 +139,22 @@ def run_shard(
     config, split_ids = job.config, None
     if side == SAMPLES and not job.is_reference_job and "is" in config.metrics:
         split_ids = split_assignment(n_side, config.splits, config.seed)[claim.start : claim.stop]
-    with Lease(ctx.sessions, job_id, claim.shard_id, heartbeat_s) as lease:
+    beat = functools.partial(records.beat, ctx.sessions, claim.shard_id, job_id)
+    with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
         stats = featurize_range(
             source, claim.start, claim.stop, extractor,
             resize=config.resize, batch_size=batch_size or config.batch_size, num_workers=num_workers,
             split_ids=split_ids, splits=config.splits, on_batch=on_batch, should_stop=lease.stopped,
             keep_features=job.keeps_features(side),
         )
-        if lease.stopped():
-            raise JobCancelled("the job was cancelled")
+    # A shard of one batch never saw the loop's check: ask once more before writing anything.
+    if lease.stopped() or records.job_state(ctx.sessions, job_id) != JobState.RUNNING:
+        raise JobCancelled("the job was cancelled")
     ctx.partials.put(job_id, side, index, stats)
-    records.finish_shard(ctx.sessions, claim.shard_id, time.perf_counter() - t0)
+    if not records.finish_shard(ctx.sessions, claim, time.perf_counter() - t0):
+        if records.job_state(ctx.sessions, job_id) != JobState.RUNNING:
+            ctx.partials.discard(job_id, side, index)  # the job ended meanwhile: leave nothing behind
+        return False  # else another attempt holds the shard now, and its partial is the one that counts
     return records.try_start_reduce(ctx.sessions, job_id)
 
 
@@ -156,15 +176,25 @@ class ReduceOutcome:
     """The result document once the job succeeded; None when it did not (yet)."""
     recompute: tuple[tuple[str, int], ...] = ()
     """(side, index) of shards whose partials were lost: run them again, then reduce again."""
+    wait: bool = False
+    """The reference is being featurized by another job: reduce again in a little while."""
 
 
-def reduce_job(ctx: Context, job_id: str) -> ReduceOutcome:
+def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> ReduceOutcome:
     """Merge each side in shard order, compute the metrics, record them."""
     job = records.get_job(ctx.sessions, job_id)
     if job.state == JobState.SUCCEEDED:
         return ReduceOutcome(job.result)
     if job.state != JobState.REDUCING:
         return ReduceOutcome()
+    beat = functools.partial(records.beat_job, ctx.sessions, job_id)
+    beat()  # this reducer has started: from now on the reconciler watches its lease, not the message's age
+    with Lease(beat, JobState.REDUCING, heartbeat_s):
+        return _reduce(ctx, job)
+
+
+def _reduce(ctx: Context, job: JobSnapshot) -> ReduceOutcome:
+    job_id = job.id
     sides: dict[str, FeatureStats] = {}
     lost: list[tuple[str, int]] = []
     for side in SIDES:
@@ -178,9 +208,16 @@ def reduce_job(ctx: Context, job_id: str) -> ReduceOutcome:
             else:
                 sides[side] = merged
         elif plan.how is SideSource.STORED:
-            stored = load_reference(ctx.store, plan.store_key, job.weights_sha256, job.config.resize, plan.uri)
+            try:
+                stored = load_reference(ctx.store, plan.store_key, job.weights_sha256, job.config.resize, plan.uri)
+                problem = None if stored is not None else (
+                    f"cached reference statistics {ctx.store.describe(plan.store_key)} are missing")
+            except CorruptCache as exc:
+                stored, problem = None, str(exc)
+            if stored is None and plan.builder and _live(ctx, plan.builder):
+                return ReduceOutcome(wait=True)  # its builder has not written it yet
             if stored is None:
-                raise JobError(f"reference statistics {plan.store_key} are missing from the feature store")
+                return ReduceOutcome(recompute=tuple(_featurize_instead(ctx, job, side, plan, problem)))
             sides[side] = stored
         else:
             sides[side] = load_stats_file(plan.uri, job.weights_sha256, job.config.resize)
@@ -200,6 +237,28 @@ def reduce_job(ctx: Context, job_id: str) -> ReduceOutcome:
     if won:
         ctx.partials.drop(job_id)
     return ReduceOutcome(result)
+
+
+def _live(ctx: Context, job_id: str) -> bool:
+    state = records.job_state(ctx.sessions, job_id)
+    return state is not None and state not in FINAL_STATES
+
+
+def _featurize_instead(ctx: Context, job: JobSnapshot, side: str, plan: SidePlan, problem: str) -> list[tuple[str, int]]:
+    """Stored statistics were unusable: featurize that side from its images instead, if they are still the
+    images the statistics were made from."""
+    log.warning("job %s: %s; featurizing %s again", job.id, problem, plan.uri)
+    try:
+        source = open_source(plan.uri)
+        unchanged = source.content_hash() == plan.content_hash
+    except SourceError:
+        unchanged = False
+    if not unchanged:
+        raise JobError(f"{problem}, and {plan.uri} is gone or changed since they were made; "
+                       "recreate the reference (`evalfarm ref create`)")
+    shards = shard_ranges(len(source), job.config.shard_size)
+    again = replace(plan, how=SideSource.SHARDS, shards=shards)
+    return records.replan_side(ctx.sessions, job.id, side, again, f"{problem}; featurized again", MAX_RECOMPUTES)
 
 
 def _merge_shards(ctx: Context, job: JobSnapshot, side: str, plan: SidePlan) -> FeatureStats | list[int]:
@@ -267,6 +326,7 @@ def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Sha
         "tags": job.tags,
         "evalfarm_version": __version__,
         "metric_keys": [k for k in keys.METRIC_KEYS if k in values],
+        **({"warnings": list(job.plan.notes)} if job.plan.notes else {}),
     }
 
 
@@ -276,6 +336,16 @@ def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Sha
 def fail_job(ctx: Context, job_id: str, error: str) -> None:
     records.fail_job(ctx.sessions, job_id, error)
     ctx.partials.drop(job_id)
+
+
+def sweep(ctx: Context, *, retention_s: float) -> set[str]:
+    """The janitor: remove partials and store files of jobs that ended over `retention_s` ago (or are
+    unknown). Ending a job already removes its own; this catches what a crash or a race left behind."""
+    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_s)
+    swept = records.ended_before(ctx.sessions, ctx.partials.job_ids(), cutoff)
+    for job_id in swept:
+        ctx.partials.drop(job_id)
+    return swept
 
 
 def cancel_job(ctx: Context, job_id: str) -> bool:

@@ -7,6 +7,7 @@ shard that runs twice simply replaces its own file. Arrays are `.npy`/`.npz` byt
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -31,6 +32,10 @@ class FeatureStore:
     def _path(self, key: str) -> str:
         return f"{self.base}/{key}"
 
+    def describe(self, key: str) -> str:
+        """Where `key` lives, for messages: a path or a URL."""
+        return self._path(key) if self.fs is None else f"{self.root}/{key}"
+
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         if self.fs is None:
@@ -54,6 +59,24 @@ class FeatureStore:
     def exists(self, key: str) -> bool:
         path = self._path(key)
         return os.path.exists(path) if self.fs is None else self.fs.exists(path)
+
+    def children(self, prefix: str) -> list[str]:
+        """The names directly under `prefix` (no error when there is nothing)."""
+        path = self._path(prefix)
+        if self.fs is None:
+            return sorted(os.listdir(path)) if os.path.isdir(path) else []
+        if not self.fs.exists(path):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def delete(self, key: str) -> None:
+        """Remove one key; a missing key is not an error."""
+        path = self._path(key)
+        if self.fs is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        elif self.fs.exists(path):
+            self.fs.rm(path)
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)

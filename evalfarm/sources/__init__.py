@@ -10,7 +10,7 @@ import os
 from evalfarm.errors import SourceError
 from evalfarm.sources.archive import TarSource, ZipSource
 from evalfarm.sources.arrays import ArraySource
-from evalfarm.sources.base import IMAGE_EXTENSIONS, Source, is_url, url_to_fs
+from evalfarm.sources.base import IMAGE_EXTENSIONS, Source, is_url, reason, url_to_fs
 from evalfarm.sources.folder import FolderSource
 
 __all__ = [
@@ -51,7 +51,7 @@ def _construct(uri: str, recursive: bool) -> Source:
             exists = fs.exists(path)
             is_dir = exists and fs.isdir(path)
         except Exception as exc:
-            raise SourceError(f"cannot open {uri}: {exc}") from exc
+            raise SourceError(f"cannot open {uri}: {reason(exc)}") from exc
     else:
         path = os.path.expanduser(uri)
         exists, is_dir = os.path.exists(path), os.path.isdir(path)

@@ -19,6 +19,7 @@ from evalfarm.sources.base import (
     is_hidden,
     is_url,
     open_binary,
+    reason,
     sha256_file,
 )
 
@@ -45,7 +46,7 @@ class _ArchiveSource(Source):
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(f"cannot read {uri} as a {self._kind} archive: {exc}") from exc
+            raise SourceError(f"cannot read {uri} as a {self._kind} archive: {reason(exc)}") from exc
         finally:
             raw.close()
 
@@ -82,7 +83,7 @@ class _ArchiveSource(Source):
                     self._raw = raw
                 data = self._read_member(self._archive, member)
             except Exception as exc:
-                raise SourceError(f"cannot read {name}: {exc}") from exc
+                raise SourceError(f"cannot read {name}: {reason(exc)}") from exc
         return decode_image(data, name)  # outside the lock: decoding is the slow part and runs in parallel
 
     def _compute_hash(self) -> str:

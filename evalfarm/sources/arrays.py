@@ -16,7 +16,7 @@ from typing import IO, Any
 import numpy as np
 
 from evalfarm.errors import SourceError
-from evalfarm.sources.base import Source, is_url, open_binary, sha256_file
+from evalfarm.sources.base import Source, is_url, open_binary, reason, sha256_file
 
 EXPECTED_LAYOUT = (
     "expected images as NHWC uint8: shape (N, H, W, 3), or (N, H, W) / (N, H, W, 1) grayscale, "
@@ -118,7 +118,7 @@ class ArraySource(Source):
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(f"cannot read {uri}: {exc}") from exc
+            raise SourceError(f"cannot read {uri}: {reason(exc)}") from exc
         finally:
             fp.close()
         self._check_layout(dtype)
@@ -205,7 +205,7 @@ class ArraySource(Source):
                 except SourceError:
                     raise
                 except Exception as exc:
-                    raise SourceError(f"cannot read {self.uri}: {exc}") from exc
+                    raise SourceError(f"cannot read {self.uri}: {reason(exc)}") from exc
             return self._data
 
     def _open_backing(self) -> np.ndarray | _RangeReader:
@@ -253,7 +253,7 @@ class ArraySource(Source):
             raw = data.read(start, stop) if isinstance(data, _RangeReader) else data[start:stop]
             batch = rgb_batch(raw)
         except Exception as exc:
-            raise SourceError(f"cannot read {self.uri}[{start}:{stop}]: {exc}") from exc
+            raise SourceError(f"cannot read {self.uri}[{start}:{stop}]: {reason(exc)}") from exc
         return list(batch)
 
     def _compute_hash(self) -> str:

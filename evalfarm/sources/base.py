@@ -33,6 +33,17 @@ def is_url(uri: str) -> bool:
     return bool(_URL_RE.match(uri))
 
 
+_BYTES_LITERAL = re.compile(r"""b(['"])(?:\\.|(?!\1).)*\1""")
+_MAX_REASON = 200
+
+
+def reason(exc: BaseException) -> str:
+    """What went wrong, for a message that names a file: the error without any bytes it echoed from the file
+    (numpy quotes the first bytes of a file whose header it rejects), and kept short."""
+    text = _BYTES_LITERAL.sub("<file content not shown>", str(exc)) or type(exc).__name__
+    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "…"
+
+
 def has_image_extension(name: str) -> bool:
     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
     return ext in IMAGE_EXTENSIONS
@@ -64,7 +75,7 @@ def decode_image(data: str | bytes | BinaryIO, name: str) -> np.ndarray:
             img.load()
             return pil_to_rgb(img)
     except Exception as exc:
-        raise SourceError(f"cannot decode image {name}: {exc}") from exc
+        raise SourceError(f"cannot decode image {name}: {reason(exc)}") from exc
 
 
 def url_to_fs(uri: str) -> tuple[Any, str]:
@@ -74,7 +85,7 @@ def url_to_fs(uri: str) -> tuple[Any, str]:
 
         return fsspec.core.url_to_fs(uri)
     except Exception as exc:
-        raise SourceError(f"cannot open {uri}: {exc}") from exc
+        raise SourceError(f"cannot open {uri}: {reason(exc)}") from exc
 
 
 def open_binary(uri: str) -> IO[bytes]:
@@ -86,7 +97,7 @@ def open_binary(uri: str) -> IO[bytes]:
             return fsspec.open(uri, "rb").open()
         return open(uri, "rb")
     except Exception as exc:
-        raise SourceError(f"cannot open {uri}: {exc}") from exc
+        raise SourceError(f"cannot open {uri}: {reason(exc)}") from exc
 
 
 def sha256_stream(fp: IO[bytes]) -> str:
@@ -102,7 +113,7 @@ def sha256_file(uri: str) -> str:
         try:
             return sha256_stream(fp)
         except Exception as exc:
-            raise SourceError(f"cannot read {uri}: {exc}") from exc
+            raise SourceError(f"cannot read {uri}: {reason(exc)}") from exc
 
 
 class Source(abc.ABC):

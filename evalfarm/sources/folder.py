@@ -17,6 +17,7 @@ from evalfarm.sources.base import (
     has_image_extension,
     is_hidden,
     is_url,
+    reason,
     sha256_stream,
     url_to_fs,
 )
@@ -75,7 +76,7 @@ class FolderSource(Source):
         except SourceError:
             raise
         except Exception as exc:
-            raise SourceError(f"cannot list {self.uri}: {exc}") from exc
+            raise SourceError(f"cannot list {self.uri}: {reason(exc)}") from exc
         paths, relnames = [], []
         for path in sorted(found):
             rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
@@ -105,7 +106,7 @@ class FolderSource(Source):
         try:
             data = self._filesystem().cat_file(path)
         except Exception as exc:
-            raise SourceError(f"cannot read image {name}: {exc}") from exc
+            raise SourceError(f"cannot read image {name}: {reason(exc)}") from exc
         return decode_image(io.BytesIO(data), name)
 
     def _compute_hash(self) -> str:
@@ -120,7 +121,7 @@ class FolderSource(Source):
                     with open(path, "rb") as fp:
                         file_hash = sha256_stream(fp)
             except Exception as exc:
-                raise SourceError(f"cannot read image {self.name_of(i)}: {exc}") from exc
+                raise SourceError(f"cannot read image {self.name_of(i)}: {reason(exc)}") from exc
             digest.update(rel.encode("utf-8") + b"\n")
             digest.update(file_hash.encode("ascii"))
         return digest.hexdigest()

@@ -1,9 +1,11 @@
-"""The reconciler: requeues work whose message or worker was lost, from each worker's main process.
+"""The reconciler: sends again every step whose message or worker was lost, from each worker's main process.
 
-One worker at a time runs a pass (a Redis lock that expires with the pass). Expired leases are shards
-whose worker stopped heart-beating (killed, machine lost), which Celery alone would redeliver only after
-the visibility timeout. A restarted or flushed broker is seen by the epoch key vanishing: its queued
-messages are gone, so every unfinished step of every live job is enqueued again.
+One worker at a time runs a pass (a Redis lock that expires with the pass). Every live step has a deadline
+(`scheduler.records.find_lost_work`): a shard, planner or reducer that stopped heart-beating (killed,
+machine lost), which Celery alone would redeliver only after the visibility timeout; and a message sent
+long ago that no worker started. A restarted or flushed broker is seen by the epoch key vanishing: its
+queued messages are gone, so every unfinished step of every live job is sent again. The same pass runs the
+janitor, which removes what ended jobs left in Redis and the feature store.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import time
 import redis
 from celery import signals
 
-from evalfarm.scheduler import records
+from evalfarm.scheduler import records, steps
 from evalfarm.scheduler.context import Context
-from evalfarm.settings import get_settings
+from evalfarm.settings import Settings, get_settings
 from evalfarm.workers import runtime
 from evalfarm.workers.tasks import featurize_shard, plan_job_task, reduce_job_task
 
@@ -27,16 +29,19 @@ EPOCH_KEY = "evalfarm:epoch"  #: vanishes when Redis restarts without persistenc
 LOCK_KEY = "evalfarm:reconciler"
 
 
-def reconcile(ctx: Context, client: redis.Redis, lease_s: float) -> records.LostWork:
-    """One pass: find lost work (committing the shards back to pending), then enqueue it."""
+def reconcile(ctx: Context, client: redis.Redis, settings: Settings) -> records.LostWork:
+    """One pass: find lost work (committing what it changed), then send it again."""
     broker_lost = bool(client.set(EPOCH_KEY, runtime.worker_name(), nx=True))
-    lost = records.find_lost_work(ctx.sessions, lease_s, broker_lost=broker_lost)
+    lost = records.find_lost_work(
+        ctx.sessions, lease_s=settings.lease_s, pending_s=settings.pending_s, broker_lost=broker_lost
+    )
     for job_id, side, index in lost.shards:
         featurize_shard.delay(job_id, side, index)
     for job_id in lost.queued:
         plan_job_task.delay(job_id)
     for job_id in lost.reducing:
         reduce_job_task.delay(job_id)
+    steps.sweep(ctx, retention_s=settings.retention_s)
     return lost
 
 
@@ -47,8 +52,11 @@ def _loop() -> None:
         time.sleep(settings.reconcile_s)
         try:
             if client.set(LOCK_KEY, runtime.worker_name(), nx=True, px=int(settings.reconcile_s * 1000)):
-                for job_id, side, index in reconcile(runtime.context(), client, settings.lease_s).shards:
-                    log.warning("requeued shard %s/%s of job %s", side, index, job_id)
+                lost = reconcile(runtime.context(), client, settings)
+                for job_id, side, index in lost.shards:
+                    log.warning("sent shard %s/%s of job %s again", side, index, job_id)
+                for job_id in (*lost.queued, *lost.reducing):
+                    log.warning("sent the next step of job %s again", job_id)
         except Exception:
             log.warning("reconciler pass failed", exc_info=True)
 

@@ -16,15 +16,17 @@ from evalfarm.scheduler.context import Context, farm_context
 from evalfarm.settings import get_settings
 
 _ctx: Context | None = None
+_ctx_pid: int | None = None
 _weights: Weights | None = None
 _extractor: FeatureExtractor | None = None
 _device: str | None = None
 
 
 def context() -> Context:
-    global _ctx
-    if _ctx is None:
-        _ctx = farm_context(get_settings())
+    """This process's database engine, Redis client and stores; a forked child never uses its parent's."""
+    global _ctx, _ctx_pid
+    if _ctx is None or _ctx_pid != os.getpid():
+        _ctx, _ctx_pid = farm_context(get_settings()), os.getpid()
     return _ctx
 
 

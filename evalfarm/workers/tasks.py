@@ -6,6 +6,7 @@ the reducer, after its transaction committed. Every task shares one retry/failur
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +18,26 @@ from evalfarm.settings import get_settings
 from evalfarm.workers import runtime
 from evalfarm.workers.app import app
 
-MAX_RETRIES = 3  #: transient errors (I/O, connections) are retried with backoff this many times
+log = logging.getLogger(__name__)
+
+MAX_RETRIES = 3  #: other errors (a bug, a full disk) are retried with backoff this many times, then fail the job
+MAX_OUTAGE_RETRIES = 12  #: database or broker unreachable: retried this often (backoff capped) and never fatal
+MAX_BACKOFF_S = 30
+REFERENCE_WAIT_S = 3  #: how often a reduce waiting for another job's reference looks again
 
 Failure = Callable[..., None]  #: failure(*task_args, message=..., final=...)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """The database or the broker could not be reached: the job is not at fault, and must not fail for it."""
+    import kombu.exceptions
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+                      | kombu.exceptions.OperationalError | ConnectionError)
 
 
 def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callable[..., None]], Any]:
@@ -28,27 +46,46 @@ def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callabl
     - a cancel ends the task quietly;
     - evalfarm's own errors (bad input, other weights, a poison shard) are deterministic: fail at once;
     - the time limit fails at once (retrying would hit it again);
-    - anything else is transient: retry with exponential backoff, and fail after MAX_RETRIES.
+    - an outage of the database or the broker is retried with capped backoff and never fails the job; if it
+      outlasts the retries, the message is dropped and the reconciler sends the step again (every live step
+      has a deadline it watches);
+    - anything else is retried with exponential backoff, and fails the job after MAX_RETRIES.
 
     `on_failure` records an attempt (final=False) or the end (final=True); `what` names the step in messages.
+    Recording needs the database too: when that fails, the task retries rather than lose the step.
     """
 
     def decorate(step: Callable[..., None]) -> Any:
-        @app.task(name=name, bind=True, max_retries=MAX_RETRIES)
+        @app.task(name=name, bind=True, max_retries=None)
         def task(self, *args: Any) -> None:  # noqa: ANN001
+            retries = self.request.retries
             try:
                 step(*args)
+                return
             except JobCancelled:
                 return
             except EvalfarmError as exc:
-                on_failure(*args, message=str(exc), final=True)
+                failure, final = str(exc), True
             except SoftTimeLimitExceeded:
-                on_failure(*args, message=f"{what} exceeded its time limit; use smaller --shard-size", final=True)
+                failure, final = f"{what} exceeded its time limit; use smaller --shard-size", True
             except Exception as exc:
-                final = self.request.retries >= MAX_RETRIES
-                on_failure(*args, message=f"{what} failed: {type(exc).__name__}: {exc}", final=final)
-                if not final:
-                    raise self.retry(exc=exc, countdown=2**self.request.retries) from exc
+                if is_outage(exc):
+                    if retries >= MAX_OUTAGE_RETRIES:
+                        log.warning("%s %s: outage outlasted %d retries; the reconciler will resend it", what, args,
+                                    retries)
+                        return
+                    log.warning("%s %s: %s; retrying", what, args, type(exc).__name__)
+                    raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2**retries)) from exc
+                failure, final = f"{what} failed: {type(exc).__name__}: {exc}", retries >= MAX_RETRIES
+            try:
+                on_failure(*args, message=failure, final=final)
+            except Exception as exc:  # could not record it (database down): try again later, never drop it
+                if retries >= MAX_OUTAGE_RETRIES:
+                    log.warning("%s %s: could not record its failure; the reconciler will resend it", what, args)
+                    return
+                raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2**retries)) from exc
+            if not final:
+                raise self.retry(countdown=min(MAX_BACKOFF_S, 2**retries))
 
         task.__doc__ = step.__doc__
         return task
@@ -68,7 +105,8 @@ def _fail_shard(job_id: str, side: str, index: int, *, message: str, final: bool
 @farm_task("evalfarm.plan_job", on_failure=_fail_job, what="planning")
 def plan_job_task(job_id: str) -> None:
     """Plan the job with this farm's weights, then enqueue its shards (or its reduce, if none)."""
-    planned = steps.plan_job(runtime.context(), job_id, runtime.weights().sha256)
+    planned = steps.plan_job(runtime.context(), job_id, runtime.weights().sha256,
+                             heartbeat_s=get_settings().heartbeat_s)
     for side, index in planned.shards:
         featurize_shard.delay(job_id, side, index)
     if planned.reduce:
@@ -91,5 +129,8 @@ def featurize_shard(job_id: str, side: str, index: int) -> None:
 @farm_task("evalfarm.reduce_job", on_failure=_fail_job, what="reduce")
 def reduce_job_task(job_id: str) -> None:
     """Merge and record; shards whose partials were lost are enqueued again, and they reduce again after."""
-    for side, index in steps.reduce_job(runtime.context(), job_id).recompute:
+    outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=get_settings().heartbeat_s)
+    for side, index in outcome.recompute:
         featurize_shard.delay(job_id, side, index)
+    if outcome.wait:
+        reduce_job_task.apply_async((job_id,), countdown=REFERENCE_WAIT_S)
