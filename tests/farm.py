@@ -18,11 +18,27 @@ import pytest
 import redis
 import sqlalchemy
 
+from .helpers import home_env
+
 DATABASE_URL = os.environ.get("EVALFARM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("EVALFARM_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 #: short leases and deadlines keep recovery tests short (production defaults: 10, 45, 15 and 600 s)
 FAST_LEASES = {"EVALFARM_HEARTBEAT_S": "1", "EVALFARM_LEASE_S": "6", "EVALFARM_RECONCILE_S": "2",
                "EVALFARM_PENDING_S": "15"}
+
+
+def farm_env(root: Path, database_url: str, redis_url: str, weights: Path) -> dict[str, str]:
+    """The environment of a farm process (worker, CLI) in a test: its servers, a store and home under `root`,
+    the seeded weights, the CPU, and short leases."""
+    return {
+        **home_env(root / "home"),
+        "EVALFARM_DATABASE_URL": database_url,
+        "EVALFARM_REDIS_URL": redis_url,
+        "EVALFARM_STORE": str(root / "store"),
+        "EVALFARM_WEIGHTS": str(weights),
+        "OMP_NUM_THREADS": "2",
+        **FAST_LEASES,
+    }
 
 
 def require_services() -> None:

@@ -9,7 +9,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,6 +77,16 @@ def evaluate_in_home(home: Path, samples: str, ref: str | None, **kwargs: object
 
     with in_home(home):
         return evalfarm.evaluate(samples, ref, **kwargs)
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll until `predicate()` is true; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def rel_err(actual: float, expected: float) -> float:

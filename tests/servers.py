@@ -13,10 +13,11 @@ import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
+
+from .helpers import wait_until
 
 #: rows of the fault report (tests/test_faults.py), printed at the end of the run by conftest.py
 REPORT: list[dict] = []
@@ -26,15 +27,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"{what} not ready after {timeout} s")
 
 
 def _postgres_bin() -> Path | None:
@@ -77,7 +69,7 @@ class PrivateRedis:
              "--pidfile", str(self.dir / "redis.pid"), "--logfile", str(self.dir / "redis.log")],
             check=True,
         )
-        _wait(self.ping, 15, "private redis")
+        wait_until(self.ping, 15, "private redis")
 
     def ping(self) -> bool:
         import redis
@@ -91,7 +83,7 @@ class PrivateRedis:
         pid = self._pid()
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
-            _wait(lambda: not _alive(pid), 10, "private redis to die")
+            wait_until(lambda: not _alive(pid), 10, "private redis to die")
             (self.dir / "redis.pid").unlink(missing_ok=True)
 
     def close(self) -> None:

@@ -4,7 +4,6 @@ no wrong number under duplicate delivery, worker loss, a flushed broker or cance
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ from evalfarm import keys
 from evalfarm.config import EvalConfig
 from evalfarm.db import Job, Shard
 
-from .farm import DATABASE_URL, FAST_LEASES, REDIS_URL, Worker, require_services, reset_services
-from .helpers import in_home, write_images
+from .farm import DATABASE_URL, FAST_LEASES, REDIS_URL, Worker, farm_env, require_services, reset_services
+from .helpers import in_home, wait_until, write_images
 
 pytestmark = pytest.mark.farm
 
@@ -53,17 +52,7 @@ def farm(tmp_path: Path, weights_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Clean services, farm settings in this process, and a factory of real worker processes."""
     require_services()
     reset_services()
-    env = {
-        **os.environ,
-        "EVALFARM_DATABASE_URL": DATABASE_URL,
-        "EVALFARM_REDIS_URL": REDIS_URL,
-        "EVALFARM_STORE": str(tmp_path / "store"),
-        "EVALFARM_HOME": str(tmp_path / "home"),
-        "EVALFARM_WEIGHTS": str(weights_path),
-        "EVALFARM_DEVICE": "cpu",
-        "OMP_NUM_THREADS": "2",
-        **FAST_LEASES,
-    }
+    env = farm_env(tmp_path, DATABASE_URL, REDIS_URL, weights_path)
     for k in ("EVALFARM_DATABASE_URL", "EVALFARM_REDIS_URL", "EVALFARM_STORE", "EVALFARM_WEIGHTS", *FAST_LEASES):
         monkeypatch.setenv(k, env[k])
     workers: list[Worker] = []
@@ -93,15 +82,6 @@ def assert_same_numbers(result: dict, expected: dict, rel: float = 1e-6) -> None
 def shards_of(job_id: str) -> list[Shard]:
     with client().ctx.sessions() as s:
         return list(s.scalars(select(Shard).where(Shard.job_id == job_id).order_by(Shard.side, Shard.index)))
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def submit(farm_data, **overrides) -> str:

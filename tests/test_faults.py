@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,8 +26,8 @@ import evalfarm
 from evalfarm import keys
 from evalfarm.db import get_engine
 
-from .farm import FAST_LEASES, Worker
-from .helpers import in_home, write_images
+from .farm import Worker, farm_env
+from .helpers import in_home, wait_until, write_images
 from .servers import REPORT, PrivatePostgres, PrivateRedis, require_private_servers
 
 pytestmark = [pytest.mark.farm, pytest.mark.faults]
@@ -76,12 +76,7 @@ class Farm:
         self.pg, self.broker, self.tmp, self.data = pg, broker, tmp, data
         self.db_url = pg.create_database(f"faults_{uuid.uuid4().hex[:12]}")
         get_engine(self.db_url)  # the schema, before a test locks one of its tables
-        self.env = {
-            **os.environ, **FAST_LEASES,
-            "EVALFARM_DATABASE_URL": self.db_url, "EVALFARM_REDIS_URL": broker.url,
-            "EVALFARM_STORE": str(tmp / "store"), "EVALFARM_HOME": str(tmp / "home"),
-            "EVALFARM_WEIGHTS": str(weights), "EVALFARM_DEVICE": "cpu", "OMP_NUM_THREADS": "2",
-        }
+        self.env = farm_env(tmp, self.db_url, broker.url, weights)
         self.engine = sqlalchemy.create_engine(self.db_url.replace("postgresql://", "postgresql+psycopg://"),
                                                pool_pre_ping=True, connect_args={"connect_timeout": 2})
         self.workers: list[Worker] = []
@@ -141,15 +136,6 @@ def farm(servers, tmp_path: Path, weights_path: Path, data) -> Iterator[Farm]:
     f.close()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def identical(result: dict, expected: dict) -> bool:
     return all(result[k] == pytest.approx(expected[k], rel=1e-6, abs=1e-12) for k in keys.METRIC_KEYS)
 
@@ -165,27 +151,18 @@ def report(fault: str, results: list[dict], total: int, expected: dict, recovery
 # -- the database --------------------------------------------------------------------------------------------------
 
 
-def test_postgres_stopped_20_s_mid_job_and_the_job_succeeds(farm: Farm, expected: dict) -> None:
+@pytest.mark.parametrize("down_s", [20, 0], ids=["stopped-20-s", "restarted-fast"])
+def test_postgres_down_mid_job_and_the_job_succeeds(farm: Farm, expected: dict, down_s: int) -> None:
     farm.worker()
     job = farm.submit("--shard-size", "4", "--batch-size", "4", "--no-cache")
     wait_until(lambda: farm.shards_done(job) >= 2, 120, "two finished shards")
     farm.pg.stop("fast")
-    time.sleep(20)
+    time.sleep(down_s)
     farm.pg.start()
     back = time.monotonic()
     result = farm.wait(job)
-    report("Postgres stopped 20 s mid-job", [result], 1, expected, time.monotonic() - back)
-
-
-def test_postgres_restarted_fast_mid_job_and_the_job_succeeds(farm: Farm, expected: dict) -> None:
-    farm.worker()
-    job = farm.submit("--shard-size", "4", "--batch-size", "4", "--no-cache")
-    wait_until(lambda: farm.shards_done(job) >= 2, 120, "two finished shards")
-    farm.pg.stop("fast")
-    farm.pg.start()
-    back = time.monotonic()
-    result = farm.wait(job)
-    report("Postgres restarted fast mid-job", [result], 1, expected, time.monotonic() - back)
+    what = f"stopped {down_s} s" if down_s else "restarted fast"
+    report(f"Postgres {what} mid-job", [result], 1, expected, time.monotonic() - back)
 
 
 # -- the broker ----------------------------------------------------------------------------------------------------
@@ -207,20 +184,23 @@ def test_redis_killed_and_restarted_mid_job_and_the_job_succeeds(farm: Farm, exp
 # -- the worker ----------------------------------------------------------------------------------------------------
 
 
-def test_worker_killed_while_planning_is_replaced_and_the_job_succeeds(farm: Farm, expected: dict) -> None:
-    """A lock on the shards table holds the planner inside `planning` (it cannot write the shard rows), so
-    the kill lands there every time."""
+@pytest.mark.parametrize(("state", "table"), [("planning", "shards"), ("reducing", "results")])
+def test_worker_killed_while_planning_or_reducing_is_replaced_and_the_job_succeeds(
+    farm: Farm, expected: dict, state: str, table: str
+) -> None:
+    """A lock on the table the step writes last holds it inside its state (the planner cannot write the shard
+    rows, the reducer the result rows), so the kill lands there every time; the lock goes with the worker."""
     worker = farm.worker()
     with farm.engine.connect() as c, c.begin():
-        c.execute(sqlalchemy.text("LOCK TABLE shards IN EXCLUSIVE MODE"))
-        job = farm.submit("--shard-size", "8", "--no-cache")
-        wait_until(lambda: farm.state(job) == "planning", 60, "planning")
+        c.execute(sqlalchemy.text(f"LOCK TABLE {table} IN EXCLUSIVE MODE"))
+        job = farm.submit("--shard-size", "100", "--no-cache")
+        wait_until(lambda: farm.state(job) == state, 120, state)
         time.sleep(1)
         worker.kill()
     killed = time.monotonic()
     farm.worker()
     result = farm.wait(job)
-    report("worker SIGKILLed while planning", [result], 1, expected, time.monotonic() - killed)
+    report(f"worker SIGKILLed while {state}", [result], 1, expected, time.monotonic() - killed)
 
 
 def test_worker_killed_mid_shard_is_replaced_and_the_job_succeeds(farm: Farm, expected: dict) -> None:
@@ -233,21 +213,6 @@ def test_worker_killed_mid_shard_is_replaced_and_the_job_succeeds(farm: Farm, ex
     farm.worker()
     result = farm.wait(job)
     report("worker SIGKILLed mid-shard", [result], 1, expected, time.monotonic() - killed)
-
-
-def test_worker_killed_while_reducing_is_replaced_and_the_job_succeeds(farm: Farm, expected: dict) -> None:
-    """A lock on the results table holds the reducer inside `reducing` (it cannot write the result rows)."""
-    worker = farm.worker()
-    with farm.engine.connect() as c, c.begin():
-        c.execute(sqlalchemy.text("LOCK TABLE results IN EXCLUSIVE MODE"))
-        job = farm.submit("--shard-size", "100", "--no-cache")
-        wait_until(lambda: farm.state(job) == "reducing", 120, "reducing")
-        time.sleep(2)
-        worker.kill()
-    killed = time.monotonic()
-    farm.worker()
-    result = farm.wait(job)
-    report("worker SIGKILLed while reducing", [result], 1, expected, time.monotonic() - killed)
 
 
 def test_a_replaced_pool_child_runs_jobs_without_database_errors(farm: Farm, expected: dict) -> None:

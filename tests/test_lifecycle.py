@@ -32,7 +32,7 @@ from evalfarm.keys import JOB_EVAL, METRIC_KEYS
 from evalfarm.metrics import FeatureStats
 from evalfarm.models import FeatureExtractor, Weights
 from evalfarm.models.weights import file_sha256
-from evalfarm.scheduler import records
+from evalfarm.scheduler import deadlines, records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.job import EMBEDDED
 from evalfarm.scheduler.partials import MemoryPartials, PartialStore
@@ -230,8 +230,8 @@ def age_job(ctx: Context, job_id: str, column: str) -> None:
         s.execute(update(Job).where(Job.id == job_id).values({column: utcnow() - AN_HOUR}))
 
 
-def find_lost_work(ctx: Context, *, broker_lost: bool = False) -> records.LostWork:
-    return records.find_lost_work(ctx.sessions, lease_s=LEASE_S, pending_s=PENDING_S, broker_lost=broker_lost)
+def find_lost_work(ctx: Context, *, broker_lost: bool = False) -> deadlines.LostWork:
+    return deadlines.find_lost_work(ctx.sessions, lease_s=LEASE_S, pending_s=PENDING_S, broker_lost=broker_lost)
 
 
 # -- recovery of lost partials -------------------------------------------------------------------------------------
@@ -480,7 +480,7 @@ def test_an_expired_lease_is_requeued_and_a_live_one_is_not(
 
     lost = find_lost_work(ctx)
 
-    assert lost == records.LostWork(shards=[(job_id, *dead)], queued=[], reducing=[])
+    assert lost == deadlines.LostWork(shards=[(job_id, *dead)], queued=[], reducing=[])
     assert rows(ctx, job_id)[dead].state == ShardState.PENDING
     assert (rows(ctx, job_id)[alive].state, rows(ctx, job_id)[alive].worker) == (ShardState.RUNNING, "alive")
 
@@ -531,7 +531,7 @@ def test_a_lost_broker_reports_pending_shards_and_queued_and_reducing_jobs(
     failed = planned_job(ctx, image_sets, extractor)
     fail_job(ctx, failed, "a failed job's pending shards are nobody's work")
 
-    assert find_lost_work(ctx) == records.LostWork([], [], [])
+    assert find_lost_work(ctx) == deadlines.LostWork([], [], [])
     lost = find_lost_work(ctx, broker_lost=True)
 
     assert sorted(lost.shards) == sorted((running, *key) for key in ALL_SHARDS[1:])
@@ -544,10 +544,10 @@ def test_a_planner_that_died_is_planned_again(
 ) -> None:
     job_id = new_job(ctx, image_sets, extractor.weights.sha256)
     assert records.start_planning(ctx.sessions, job_id)  # a planner took the job, then died before its plan
-    assert find_lost_work(ctx) == records.LostWork([], [], [])  # while its lease is live, it is left alone
+    assert find_lost_work(ctx) == deadlines.LostWork([], [], [])  # while its lease is live, it is left alone
     age_job(ctx, job_id, "heartbeat_at")
 
-    assert find_lost_work(ctx) == records.LostWork([], queued=[job_id], reducing=[])
+    assert find_lost_work(ctx) == deadlines.LostWork([], queued=[job_id], reducing=[])
 
     assert records.get_job(ctx.sessions, job_id).state == JobState.QUEUED
     assert plan_job(ctx, job_id, extractor.weights.sha256).shards == ALL_SHARDS
@@ -566,8 +566,8 @@ def test_a_step_whose_message_was_lost_is_sent_again_once_its_deadline_passed(
 
     lost = find_lost_work(ctx)
 
-    assert lost == records.LostWork(shards=[(running, REFERENCE, 1)], queued=[queued], reducing=[reducing])
-    assert find_lost_work(ctx) == records.LostWork([], [], [])  # sent again just now: not twice per deadline
+    assert lost == deadlines.LostWork(shards=[(running, REFERENCE, 1)], queued=[queued], reducing=[reducing])
+    assert find_lost_work(ctx) == deadlines.LostWork([], [], [])  # sent again just now: not twice per deadline
 
 
 # -- weights -------------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 
     plan.py        how each side is obtained and cut into shards (`JobPlan`, `SidePlan`)
     job.py         a job row as one typed snapshot (`JobSnapshot`), config and plan decoded once
-    records.py     every read and write of jobs, shards, results and references the lifecycle makes
+    records.py     every read and write of jobs, shards, results and references the steps make
+    deadlines.py   the reconciler's view: live steps past their deadline, ended jobs' leftovers
     queries.py     what users ask: a job's status, a run's results, the references
     steps.py       plan_job → run_shard × K → reduce_job, safe to repeat
     lease.py       the one heartbeat of a running shard, which also notices a cancel

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, true, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from evalfarm.config import EvalConfig
 from evalfarm.db import FINAL_STATES, Job, JobState, Reference, ReferenceBuild, Result, Shard, ShardState
-from evalfarm.db.models import utcnow
+from evalfarm.db.models import as_utc, utcnow
 from evalfarm.errors import JobError, WeightsError
 from evalfarm.keys import JOB_EVAL
 from evalfarm.scheduler.job import JobSnapshot
@@ -252,15 +252,10 @@ def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], m
     such rounds the job fails instead. Returns the shards to run again (none when it failed)."""
     with sessions.begin() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job.state != JobState.REDUCING:  # cancelled or failed while the reducer merged: it stays so
+        plan = _another_round(job, f"partial statistics of shards {lost} were lost", max_recomputes)
+        if plan is None:
             return []
-        plan = JobPlan.from_dict(job.plan)
-        if plan.recomputes + 1 > max_recomputes:
-            job.state, job.finished_at = JobState.FAILED, utcnow()
-            job.error = f"partial statistics of shards {lost} were lost {max_recomputes} times; giving up"
-            return []
-        job.plan = plan.with_(recomputes=plan.recomputes + 1).to_dict()
-        job.state = JobState.RUNNING
+        job.plan = plan.to_dict()
         for side, index in lost:
             s.execute(
                 update(Shard)
@@ -277,12 +272,8 @@ def replan_side(
     its shard rows are written and returned. After `max_recomputes` rounds the job fails instead."""
     with sessions.begin() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        if job.state != JobState.REDUCING:
-            return []
-        plan = JobPlan.from_dict(job.plan)
-        if plan.recomputes + 1 > max_recomputes:
-            job.state, job.finished_at = JobState.FAILED, utcnow()
-            job.error = f"{note}; giving up after {max_recomputes} recomputations"
+        plan = _another_round(job, f"the stored statistics of the {side} side were unusable", max_recomputes)
+        if plan is None:
             return []
         now, todo = utcnow(), []
         s.execute(delete(Shard).where(Shard.job_id == job_id, Shard.side == side))
@@ -290,10 +281,23 @@ def replan_side(
             s.add(Shard(job_id=job_id, side=side, index=i, start=start, stop=stop, state=ShardState.PENDING,
                         attempts=0, enqueued_at=now))
             todo.append((side, i))
-        job.plan = plan.with_(sides={**plan.sides, side: side_plan}, recomputes=plan.recomputes + 1,
-                              notes=(*plan.notes, note)).to_dict()
-        job.state = JobState.RUNNING
+        job.plan = plan.with_(sides={**plan.sides, side: side_plan}, notes=(*plan.notes, note)).to_dict()
     return todo
+
+
+def _another_round(job: Job, problem: str, max_recomputes: int) -> JobPlan | None:
+    """Send a reducing job (locked by the caller) back to `running` for one more round of featurizing, and
+    return its plan with the round counted; None when it is not reducing (cancelled or failed while the
+    reducer merged: it stays so) or when it has had `max_recomputes` rounds (then it fails)."""
+    if job.state != JobState.REDUCING:
+        return None
+    plan = JobPlan.from_dict(job.plan)
+    if plan.recomputes + 1 > max_recomputes:
+        job.state, job.finished_at = JobState.FAILED, utcnow()
+        job.error = f"{problem} {max_recomputes} times; giving up"
+        return None
+    job.state = JobState.RUNNING
+    return plan.with_(recomputes=plan.recomputes + 1)
 
 
 # -- ends ----------------------------------------------------------------------------------------------------------
@@ -336,18 +340,6 @@ def cancel_job(sessions: Sessions, job_id: str) -> bool:
     return bool(changed)
 
 
-def ended_before(sessions: Sessions, job_ids: set[str], cutoff: datetime) -> set[str]:
-    """Of `job_ids`, those that ended before `cutoff` or have no row at all (nothing will ever read them)."""
-    if not job_ids:
-        return set()
-    with sessions() as s:
-        rows = dict(s.execute(select(Job.id, Job.finished_at).where(Job.id.in_(job_ids))
-                              .where(Job.state.in_(FINAL_STATES))).all())
-        known = set(s.scalars(select(Job.id).where(Job.id.in_(job_ids))))
-    ended = {j for j, t in rows.items() if t is None or _before(t, cutoff)}
-    return ended | (job_ids - known)
-
-
 def register_reference(sessions: Sessions, ref: NamedReference) -> None:
     with sessions.begin() as s:
         s.merge(
@@ -356,85 +348,5 @@ def register_reference(sessions: Sessions, ref: NamedReference) -> None:
         )
 
 
-# -- the reconciler's view -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LostWork:
-    """Steps whose message or worker was lost, to send again (after the commit that found them)."""
-
-    shards: list[tuple[str, str, int]]  #: (job, side, index) to featurize
-    queued: list[str]  #: jobs to plan
-    reducing: list[str]  #: jobs to reduce
-
-
-def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, broker_lost: bool) -> LostWork:
-    """Every live step has a deadline, and this finds the ones past it:
-
-    - a running shard or a planning job whose heartbeat is older than `lease_s` (its worker died); the shard
-      goes back to pending, the job back to queued, so that planning starts over;
-    - a reducing job whose reducer stopped heart-beating for `lease_s`, or whose reduce message was sent
-      more than `pending_s` ago without a reducer starting;
-    - a pending shard or a queued job whose message was sent more than `pending_s` ago (a task that died
-      before it could record anything, a message dropped by a failing broker);
-    - with `broker_lost` (the broker restarted empty or was flushed), every unfinished step at once.
-
-    What it returns is marked as sent now, so the next pass does not send it again before its deadline.
-    Steps are idempotent: a duplicate costs time, never correctness.
-    """
-    now = utcnow()
-    lease_cutoff, pending_cutoff = now - timedelta(seconds=lease_s), now - timedelta(seconds=pending_s)
-    shards: list[tuple[str, str, int]] = []
-    queued: list[str] = []
-    reducing: list[str] = []
-    with sessions.begin() as s:
-        dead = (Shard.state == ShardState.RUNNING) & (Shard.heartbeat_at < lease_cutoff)
-        unsent = (Shard.state == ShardState.PENDING) & (
-            true() if broker_lost else (Shard.enqueued_at.is_(None) | (Shard.enqueued_at < pending_cutoff))
-        )
-        for shard_id, job_id, side, index in s.execute(
-            select(Shard.id, Shard.job_id, Shard.side, Shard.index)
-            .join(Job, Job.id == Shard.job_id)
-            .where(Job.state == JobState.RUNNING, dead | unsent)
-            .with_for_update(of=Shard, skip_locked=True)
-        ).all():
-            s.execute(
-                update(Shard)
-                .where(Shard.id == shard_id, Shard.state != ShardState.DONE)
-                .values(state=ShardState.PENDING, error="worker or message lost; requeued", enqueued_at=now)
-            )
-            shards.append((job_id, side, index))
-        live = (JobState.QUEUED, JobState.PLANNING, JobState.REDUCING)
-        for job_id, state, heartbeat_at, enqueued_at in s.execute(
-            select(Job.id, Job.state, Job.heartbeat_at, Job.enqueued_at)
-            .where(Job.state.in_(live))
-            .with_for_update(skip_locked=True)
-        ).all():
-            if state == JobState.PLANNING:
-                if not _before(heartbeat_at, lease_cutoff):
-                    continue
-                state = JobState.QUEUED  # the planner died: plan again from the start
-            elif not broker_lost:
-                started = heartbeat_at is not None and not _before(heartbeat_at, enqueued_at)
-                if not (_before(heartbeat_at, lease_cutoff) if started else _before(enqueued_at, pending_cutoff)):
-                    continue
-            s.execute(update(Job).where(Job.id == job_id).values(state=state, enqueued_at=now))
-            (queued if state == JobState.QUEUED else reducing).append(job_id)
-    return LostWork(shards, queued, reducing)
-
-
-def _before(t: datetime | None, cutoff: datetime | None) -> bool:
-    """`t` is older than `cutoff` (a missing time is older than anything)."""
-    if t is None:
-        return True
-    if cutoff is None:
-        return False
-    return _utc(t) < _utc(cutoff)
-
-
-def _utc(t: datetime) -> datetime:
-    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)  # SQLite drops the zone; we store UTC
-
-
 def _age_s(t: datetime | None) -> float:
-    return float("inf") if t is None else (utcnow() - _utc(t)).total_seconds()
+    return float("inf") if t is None else (utcnow() - as_utc(t)).total_seconds()

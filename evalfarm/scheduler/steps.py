@@ -22,7 +22,7 @@ from evalfarm.metrics import FeatureStats, split_assignment
 from evalfarm.models import FeatureExtractor
 from evalfarm.models.weights import CANONICAL_SHA256_PREFIX
 from evalfarm.pipeline import compute_metrics, featurize_range, kid_subset_size, merge_in_order
-from evalfarm.scheduler import records
+from evalfarm.scheduler import deadlines, records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.job import FARM, JobSnapshot
 from evalfarm.scheduler.lease import Lease
@@ -342,7 +342,7 @@ def sweep(ctx: Context, *, retention_s: float) -> set[str]:
     """The janitor: remove partials and store files of jobs that ended over `retention_s` ago (or are
     unknown). Ending a job already removes its own; this catches what a crash or a race left behind."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_s)
-    swept = records.ended_before(ctx.sessions, ctx.partials.job_ids(), cutoff)
+    swept = deadlines.ended_before(ctx.sessions, ctx.partials.job_ids(), cutoff)
     for job_id in swept:
         ctx.partials.drop(job_id)
     return swept

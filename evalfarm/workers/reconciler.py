@@ -1,7 +1,7 @@
 """The reconciler: sends again every step whose message or worker was lost, from each worker's main process.
 
 One worker at a time runs a pass (a Redis lock that expires with the pass). Every live step has a deadline
-(`scheduler.records.find_lost_work`): a shard, planner or reducer that stopped heart-beating (killed,
+(`scheduler.deadlines.find_lost_work`): a shard, planner or reducer that stopped heart-beating (killed,
 machine lost), which Celery alone would redeliver only after the visibility timeout; and a message sent
 long ago that no worker started. A restarted or flushed broker is seen by the epoch key vanishing: its
 queued messages are gone, so every unfinished step of every live job is sent again. The same pass runs the
@@ -17,7 +17,7 @@ import time
 import redis
 from celery import signals
 
-from evalfarm.scheduler import records, steps
+from evalfarm.scheduler import deadlines, steps
 from evalfarm.scheduler.context import Context
 from evalfarm.settings import Settings, get_settings
 from evalfarm.workers import runtime
@@ -29,10 +29,10 @@ EPOCH_KEY = "evalfarm:epoch"  #: vanishes when Redis restarts without persistenc
 LOCK_KEY = "evalfarm:reconciler"
 
 
-def reconcile(ctx: Context, client: redis.Redis, settings: Settings) -> records.LostWork:
+def reconcile(ctx: Context, client: redis.Redis, settings: Settings) -> deadlines.LostWork:
     """One pass: find lost work (committing what it changed), then send it again."""
     broker_lost = bool(client.set(EPOCH_KEY, runtime.worker_name(), nx=True))
-    lost = records.find_lost_work(
+    lost = deadlines.find_lost_work(
         ctx.sessions, lease_s=settings.lease_s, pending_s=settings.pending_s, broker_lost=broker_lost
     )
     for job_id, side, index in lost.shards:

@@ -1,0 +1,98 @@
+"""The reconciler's view of the records: which live steps are past their deadline, and which ended jobs
+left something behind. Every job state has a deadline here, so that no job can hang."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, true, update
+
+from evalfarm.db import FINAL_STATES, Job, JobState, Shard, ShardState
+from evalfarm.db.models import as_utc, utcnow
+from evalfarm.scheduler.records import Sessions
+
+
+@dataclass(frozen=True)
+class LostWork:
+    """Steps whose message or worker was lost, to send again (after the commit that found them)."""
+
+    shards: list[tuple[str, str, int]]  #: (job, side, index) to featurize
+    queued: list[str]  #: jobs to plan
+    reducing: list[str]  #: jobs to reduce
+
+
+def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, broker_lost: bool) -> LostWork:
+    """Every live step has a deadline, and this finds the ones past it:
+
+    - a running shard or a planning job whose heartbeat is older than `lease_s` (its worker died); the shard
+      goes back to pending, the job back to queued, so that planning starts over;
+    - a reducing job whose reducer stopped heart-beating for `lease_s`, or whose reduce message was sent
+      more than `pending_s` ago without a reducer starting;
+    - a pending shard or a queued job whose message was sent more than `pending_s` ago (a task that died
+      before it could record anything, a message dropped by a failing broker);
+    - with `broker_lost` (the broker restarted empty or was flushed), every unfinished step at once.
+
+    What it returns is marked as sent now, so the next pass does not send it again before its deadline.
+    Steps are idempotent: a duplicate costs time, never correctness.
+    """
+    now = utcnow()
+    lease_cutoff, pending_cutoff = now - timedelta(seconds=lease_s), now - timedelta(seconds=pending_s)
+    shards: list[tuple[str, str, int]] = []
+    queued: list[str] = []
+    reducing: list[str] = []
+    with sessions.begin() as s:
+        dead = (Shard.state == ShardState.RUNNING) & (Shard.heartbeat_at < lease_cutoff)
+        unsent = (Shard.state == ShardState.PENDING) & (
+            true() if broker_lost else (Shard.enqueued_at.is_(None) | (Shard.enqueued_at < pending_cutoff))
+        )
+        for shard_id, job_id, side, index in s.execute(
+            select(Shard.id, Shard.job_id, Shard.side, Shard.index)
+            .join(Job, Job.id == Shard.job_id)
+            .where(Job.state == JobState.RUNNING, dead | unsent)
+            .with_for_update(of=Shard, skip_locked=True)
+        ).all():
+            s.execute(
+                update(Shard)
+                .where(Shard.id == shard_id, Shard.state != ShardState.DONE)
+                .values(state=ShardState.PENDING, error="worker or message lost; requeued", enqueued_at=now)
+            )
+            shards.append((job_id, side, index))
+        live = (JobState.QUEUED, JobState.PLANNING, JobState.REDUCING)
+        for job_id, state, heartbeat_at, enqueued_at in s.execute(
+            select(Job.id, Job.state, Job.heartbeat_at, Job.enqueued_at)
+            .where(Job.state.in_(live))
+            .with_for_update(skip_locked=True)
+        ).all():
+            if state == JobState.PLANNING:
+                if not _before(heartbeat_at, lease_cutoff):
+                    continue
+                state = JobState.QUEUED  # the planner died: plan again from the start
+            elif not broker_lost:
+                started = heartbeat_at is not None and not _before(heartbeat_at, enqueued_at)
+                if not (_before(heartbeat_at, lease_cutoff) if started else _before(enqueued_at, pending_cutoff)):
+                    continue
+            s.execute(update(Job).where(Job.id == job_id).values(state=state, enqueued_at=now))
+            (queued if state == JobState.QUEUED else reducing).append(job_id)
+    return LostWork(shards, queued, reducing)
+
+
+def _before(t: datetime | None, cutoff: datetime | None) -> bool:
+    """`t` is older than `cutoff` (a missing time is older than anything)."""
+    if t is None:
+        return True
+    if cutoff is None:
+        return False
+    return as_utc(t) < as_utc(cutoff)
+
+
+def ended_before(sessions: Sessions, job_ids: set[str], cutoff: datetime) -> set[str]:
+    """Of `job_ids`, those that ended before `cutoff` or have no row at all (nothing will ever read them)."""
+    if not job_ids:
+        return set()
+    with sessions() as s:
+        rows = dict(s.execute(select(Job.id, Job.finished_at).where(Job.id.in_(job_ids))
+                              .where(Job.state.in_(FINAL_STATES))).all())
+        known = set(s.scalars(select(Job.id).where(Job.id.in_(job_ids))))
+    ended = {j for j, t in rows.items() if t is None or _before(t, cutoff)}
+    return ended | (job_ids - known)
