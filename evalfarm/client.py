@@ -45,13 +45,13 @@ class Client:
         """Record the job, then enqueue its planning (after the commit, so the task always finds its row)."""
         from evalfarm.scheduler import records
         from evalfarm.scheduler.job import FARM
-        from evalfarm.workers.tasks import plan_job_task
+        from evalfarm.workers.app import PLAN_TASK, app
 
         job_id = records.create_job(
             self.ctx.sessions, samples=samples, ref=ref, config=config or EvalConfig(), weights_sha256=weights_sha256,
             mode=FARM, kind=kind, run=run, step=step, tags=tags, reference_name=reference_name,
         )
-        plan_job_task.delay(job_id)
+        app.send_task(PLAN_TASK, args=[job_id])  # by name: the submitting side loads no task code
         return job_id
 
     def status(self, job_id: str) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from sqlalchemy import select, update
 
@@ -609,3 +610,95 @@ def test_the_janitor_removes_partials_of_jobs_that_ended_long_ago_and_keeps_live
     age_job(ctx, ended, "finished_at")
     assert sweep(ctx, retention_s=3600) == {ended}
     assert stored_partials(ctx, ended) == [] and stored_partials(ctx, live) == [ALL_SHARDS[0]]
+
+
+# -- steps that an outage or a crash cut short ---------------------------------------------------------------------
+
+
+def set_job_state(ctx: Context, job_id: str, state: JobState) -> None:
+    with ctx.sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(state=state))
+
+
+def test_a_job_whose_move_to_reducing_was_lost_is_moved_by_the_reconciler(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = planned_job(ctx, image_sets, extractor)
+    run_all(ctx, job_id, extractor)
+    set_job_state(ctx, job_id, JobState.RUNNING)  # every shard done, the last one's move to reducing lost
+
+    assert find_lost_work(ctx) == deadlines.LostWork([], [], reducing=[job_id])
+    assert records.get_job(ctx.sessions, job_id).state == JobState.REDUCING
+
+
+def test_a_redelivered_last_shard_makes_the_move_to_reducing_that_was_lost(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = planned_job(ctx, image_sets, extractor)
+    run_all(ctx, job_id, extractor)
+    set_job_state(ctx, job_id, JobState.RUNNING)
+
+    assert run(ctx, job_id, ALL_SHARDS[-1], extractor) is True  # its task retried after the outage
+    assert records.get_job(ctx.sessions, job_id).state == JobState.REDUCING
+
+
+def test_a_worker_takes_up_its_own_claim_again_without_counting_an_attempt(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = planned_job(ctx, image_sets, extractor)
+    claim(ctx, job_id, (SAMPLES, 0), extractor, worker="w1")  # then an outage ended its task, which retries
+
+    assert run(ctx, job_id, (SAMPLES, 0), extractor, lease_s=LEASE_S, worker="w1") is False
+
+    shard = rows(ctx, job_id)[(SAMPLES, 0)]
+    assert (shard.state, shard.attempts, shard.worker) == (ShardState.DONE, 1, "w1")
+
+
+def test_the_heartbeat_of_a_lost_claim_tells_its_worker_to_stop(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = planned_job(ctx, image_sets, extractor)
+    stale = claim(ctx, job_id, (SAMPLES, 0), extractor, worker="stalled")
+    assert records.beat(ctx.sessions, stale) == JobState.RUNNING
+    age_shard(ctx, job_id, (SAMPLES, 0))
+    find_lost_work(ctx)
+    claim(ctx, job_id, (SAMPLES, 0), extractor, worker="rescuer")
+
+    assert records.beat(ctx.sessions, stale) is None
+    assert rows(ctx, job_id)[(SAMPLES, 0)].worker == "rescuer"
+
+
+def test_a_planner_that_keeps_dying_fails_the_job_after_the_attempt_limit(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = new_job(ctx, image_sets, extractor.weights.sha256)
+    for _ in range(MAX_ATTEMPTS):
+        assert records.start_planning(ctx.sessions, job_id)
+        age_job(ctx, job_id, "heartbeat_at")
+        assert find_lost_work(ctx).queued == [job_id]
+
+    with pytest.raises(JobError, match=f"planning started {MAX_ATTEMPTS} times"):
+        plan_job(ctx, job_id, extractor.weights.sha256)
+
+
+def test_a_final_shard_failure_fails_its_job_in_the_same_step(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = planned_job(ctx, image_sets, extractor)
+
+    records.record_shard_failure(ctx.sessions, job_id, SAMPLES, 1, "boom", final=True)
+
+    job = records.get_job(ctx.sessions, job_id)
+    assert (job.state, job.error) == (JobState.FAILED, "shard samples/1 failed: boom")
+
+
+def test_the_janitor_leaves_alone_jobs_this_database_does_not_know(ctx: Context) -> None:
+    stranger = FeatureStats.of(pool3_rows(4))
+    ctx.partials.put("a-job-of-another-farm", SAMPLES, 0, stranger)
+
+    assert sweep(ctx, retention_s=0) == set()
+    assert ctx.partials.get("a-job-of-another-farm", SAMPLES, 0, features=False) is stranger
+
+
+def pool3_rows(n: int) -> np.ndarray:
+    return np.abs(np.random.RandomState(n).normal(0.3, 1.0, size=(n, 8)))

@@ -101,6 +101,8 @@ class Job(Base):
     """When the message of the job's current step (plan or reduce) was last sent: the reconciler's deadline."""
     heartbeat_at: Mapped[datetime | None]
     """The lease of a running planner or reducer, refreshed while it works."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """How often the current job-level step (planning, then reducing) was started: a poison job ends."""
 
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.side, Shard.index", lazy="selectin")
     results: Mapped[list[Result]] = relationship(back_populates="job", lazy="selectin")

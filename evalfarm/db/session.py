@@ -48,18 +48,32 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
     cur.close()
 
 
-def upgrade(engine: Engine) -> None:
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate to `revision`, keeping every row.
+
+    SQLite changes a column by copying its table and dropping the old one; with foreign keys on, that DROP
+    would cascade into shards and results. So they are off for the migration (a pragma that only takes
+    effect outside a transaction), as Alembic's batch mode asks, and on again after.
+    """
     from alembic import command
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(_MIGRATIONS))
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            # Serialize concurrent first starts of many workers on one database.
-            conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215530)")
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        sqlite = conn.dialect.name == "sqlite"
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            conn.commit()
+        with conn.begin():
+            if conn.dialect.name == "postgresql":
+                # Serialize concurrent first starts of many workers on one database.
+                conn.exec_driver_sql("SELECT pg_advisory_xact_lock(7215530)")
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+        if sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=ON")
+            conn.commit()
 
 
 def session_factory(url: str) -> sessionmaker[Session]:

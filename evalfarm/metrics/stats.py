@@ -173,12 +173,14 @@ class FeatureStats:
         other._check_mergeable()
         if self.has_splits != other.has_splits:
             raise ValueError("cannot merge statistics with IS split sums and statistics without them")
+        if self.keep_features != other.keep_features:
+            raise ValueError("cannot merge statistics that keep their feature rows with statistics that do not")
         out = FeatureStats(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
         if self.has_splits:
             out.split_n = self.split_n + other.split_n
             out.split_p = self.split_p + other.split_p
             out.split_plogp = self.split_plogp + other.split_plogp
-        out.keep_features = self.keep_features and other.keep_features
+        out.keep_features = self.keep_features
         if out.keep_features:
             out._chunks = [*self._chunks, *other._chunks]
         return out

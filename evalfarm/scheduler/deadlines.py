@@ -31,6 +31,8 @@ def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, brok
       more than `pending_s` ago without a reducer starting;
     - a pending shard or a queued job whose message was sent more than `pending_s` ago (a task that died
       before it could record anything, a message dropped by a failing broker);
+    - a running job whose shards are all done, whose move to reducing was lost (an outage between the last
+      shard's commit and that move): it is moved now;
     - with `broker_lost` (the broker restarted empty or was flushed), every unfinished step at once.
 
     What it returns is marked as sent now, so the next pass does not send it again before its deadline.
@@ -58,12 +60,21 @@ def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, brok
                 .values(state=ShardState.PENDING, error="worker or message lost; requeued", enqueued_at=now)
             )
             shards.append((job_id, side, index))
+        unfinished = select(Shard.id).where(Shard.job_id == Job.id, Shard.state != ShardState.DONE).exists()
+        for job_id in s.scalars(select(Job.id).where(Job.state == JobState.RUNNING, ~unfinished)):
+            if s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .values(state=JobState.REDUCING, enqueued_at=now, heartbeat_at=None, attempts=0)
+            ).rowcount:
+                reducing.append(job_id)
         live = (JobState.QUEUED, JobState.PLANNING, JobState.REDUCING)
         for job_id, state, heartbeat_at, enqueued_at in s.execute(
             select(Job.id, Job.state, Job.heartbeat_at, Job.enqueued_at)
             .where(Job.state.in_(live))
             .with_for_update(skip_locked=True)
         ).all():
+            seen = state
             if state == JobState.PLANNING:
                 if not _before(heartbeat_at, lease_cutoff):
                     continue
@@ -72,8 +83,10 @@ def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, brok
                 started = heartbeat_at is not None and not _before(heartbeat_at, enqueued_at)
                 if not (_before(heartbeat_at, lease_cutoff) if started else _before(enqueued_at, pending_cutoff)):
                     continue
-            s.execute(update(Job).where(Job.id == job_id).values(state=state, enqueued_at=now))
-            (queued if state == JobState.QUEUED else reducing).append(job_id)
+            if s.execute(
+                update(Job).where(Job.id == job_id, Job.state == seen).values(state=state, enqueued_at=now)
+            ).rowcount:
+                (queued if state == JobState.QUEUED else reducing).append(job_id)
     return LostWork(shards, queued, reducing)
 
 
@@ -87,12 +100,10 @@ def _before(t: datetime | None, cutoff: datetime | None) -> bool:
 
 
 def ended_before(sessions: Sessions, job_ids: set[str], cutoff: datetime) -> set[str]:
-    """Of `job_ids`, those that ended before `cutoff` or have no row at all (nothing will ever read them)."""
+    """Of `job_ids`, those that ended before `cutoff`. A job this database does not know is left alone: it
+    may belong to another farm sharing the feature store (Redis' TTL still expires its keys)."""
     if not job_ids:
         return set()
     with sessions() as s:
-        rows = dict(s.execute(select(Job.id, Job.finished_at).where(Job.id.in_(job_ids))
-                              .where(Job.state.in_(FINAL_STATES))).all())
-        known = set(s.scalars(select(Job.id).where(Job.id.in_(job_ids))))
-    ended = {j for j, t in rows.items() if t is None or _before(t, cutoff)}
-    return ended | (job_ids - known)
+        rows = s.execute(select(Job.id, Job.finished_at).where(Job.id.in_(job_ids), Job.state.in_(FINAL_STATES)))
+        return {job_id for job_id, finished in rows if finished is None or _before(finished, cutoff)}

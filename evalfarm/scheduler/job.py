@@ -9,7 +9,7 @@ from typing import Any
 from evalfarm.config import EvalConfig
 from evalfarm.db import Job, JobState
 from evalfarm.keys import JOB_REFERENCE
-from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan
+from evalfarm.scheduler.plan import REFERENCE, JobPlan
 
 EMBEDDED, FARM = "embedded", "farm"  #: job modes: run by `evalfarm eval` in one process, or by the farm
 
@@ -46,12 +46,6 @@ class JobSnapshot:
             n_samples=job.n_samples, n_reference=job.n_reference, run=job.run, step=job.step, tags=job.tags or {},
             error=job.error, result=job.result, created_at=job.created_at, finished_at=job.finished_at,
         )
-
-    def uri_of(self, side: str) -> str | None:
-        return self.samples_uri if side == SAMPLES else self.reference_uri
-
-    def n_of(self, side: str) -> int | None:
-        return self.n_samples if side == SAMPLES else self.n_reference
 
     @property
     def is_reference_job(self) -> bool:

@@ -81,16 +81,50 @@ def shards_of(sessions: Sessions, job_id: str) -> list[Shard]:
 # -- planning ----------------------------------------------------------------------------------------------------
 
 
-def start_planning(sessions: Sessions, job_id: str) -> bool:
-    """queued → planning; False when the job was planned already (a redelivered message) or cancelled.
-    A planner that died leaves `planning`; the reconciler puts such a job back to `queued` to resume it."""
+class StepLost(Exception):
+    """The job left the state this step holds it in (cancelled, or reset by the reconciler): stop quietly."""
+
+
+def start_planning(sessions: Sessions, job_id: str) -> int | None:
+    """queued → planning; returns how often planning has started, or None when the job was planned already
+    (a redelivered message) or cancelled. A planner that died leaves `planning`; the reconciler puts such a
+    job back to `queued` to resume it, and the count tells a poison job from a few bad nights."""
     with sessions.begin() as s:
         now = utcnow()
-        return s.execute(
+        started = s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.QUEUED)
-            .values(state=JobState.PLANNING, started_at=now, heartbeat_at=now)
+            .values(state=JobState.PLANNING, started_at=now, heartbeat_at=now, attempts=Job.attempts + 1)
         ).rowcount == 1
+        return s.scalar(select(Job.attempts).where(Job.id == job_id)) if started else None
+
+
+def release_planning(sessions: Sessions, job_id: str) -> None:
+    """planning → queued after a planner failed in a way worth retrying, so that the retry can start it."""
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.PLANNING).values(state=JobState.QUEUED))
+
+
+def start_reducing(sessions: Sessions, job_id: str) -> int | None:
+    """A reducer starts: its lease begins, and it is counted; None when the job is not reducing."""
+    with sessions.begin() as s:
+        started = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.REDUCING)
+            .values(heartbeat_at=utcnow(), attempts=Job.attempts + 1)
+        ).rowcount == 1
+        return s.scalar(select(Job.attempts).where(Job.id == job_id)) if started else None
+
+
+def await_reference(sessions: Sessions, job_id: str) -> None:
+    """A reducer found its reference still being built by another job, and sends itself again shortly: that
+    is not an attempt that failed, and the reconciler should watch the message, not a lease."""
+    with sessions.begin() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.REDUCING)
+            .values(attempts=Job.attempts - 1, heartbeat_at=None, enqueued_at=utcnow())
+        )
 
 
 def beat_job(sessions: Sessions, job_id: str) -> JobState | None:
@@ -121,7 +155,7 @@ def record_plan(sessions: Sessions, job_id: str, plan: JobPlan, weights_sha256: 
                 todo.append((side, i))
         job = s.get(Job, job_id, with_for_update=True)
         if job.state != JobState.PLANNING:
-            raise JobError(f"job {job_id} changed state to {job.state} while planning")
+            raise StepLost(f"job {job_id} changed state to {job.state} while planning")  # rolls the shards back
         job.plan = plan.to_dict()
         job.weights_sha256 = weights_sha256
         samples, reference = plan.side(SAMPLES), plan.side(REFERENCE)
@@ -129,7 +163,7 @@ def record_plan(sessions: Sessions, job_id: str, plan: JobPlan, weights_sha256: 
         if reference is not None:
             job.reference_hash, job.n_reference = reference.content_hash, reference.n
         job.state = JobState.RUNNING if todo else JobState.REDUCING
-        job.enqueued_at, job.heartbeat_at = now, None
+        job.enqueued_at, job.heartbeat_at, job.attempts = now, None, 0
     return todo
 
 
@@ -185,9 +219,13 @@ def claim_shard(
         shard = s.scalar(select(Shard).where(Shard.job_id == job_id, Shard.side == side, Shard.index == index))
         if job is None or shard is None or job.state != JobState.RUNNING or shard.state == ShardState.DONE:
             return None
-        if lease_s is not None and shard.state == ShardState.RUNNING and _age_s(shard.heartbeat_at) < lease_s:
+        # This worker's own claim, left running by an attempt that ended in an outage, is taken up again
+        # without counting as a new start; another worker's live claim is left to it.
+        resumed = shard.state == ShardState.RUNNING and shard.worker == worker
+        if lease_s is not None and shard.state == ShardState.RUNNING and not resumed \
+                and _age_s(shard.heartbeat_at) < lease_s:
             return None
-        if shard.attempts >= max_attempts:
+        if shard.attempts >= max_attempts and not resumed:
             raise JobError(f"started {max_attempts} times without finishing (its worker died each time: out of memory?)")
         if job.weights_sha256 != weights_sha256:
             raise WeightsError(
@@ -195,17 +233,22 @@ def claim_shard(
                 f"({(job.weights_sha256 or '')[:12]}…); refusing to compute numbers with other weights. Point "
                 "EVALFARM_WEIGHTS on every worker at the same file."
             )
-        shard.state, shard.attempts, shard.worker = ShardState.RUNNING, shard.attempts + 1, worker
+        shard.state, shard.attempts, shard.worker = ShardState.RUNNING, shard.attempts + (not resumed), worker
         shard.started_at = shard.heartbeat_at = utcnow()
         shard.error = None
         return ShardClaim(shard.id, shard.start, shard.stop, shard.attempts, JobSnapshot.of(job))
 
 
-def beat(sessions: Sessions, shard_id: int, job_id: str) -> JobState | None:
-    """Refresh a running shard's lease; returns its job's state, so the shard can notice a cancel."""
+def beat(sessions: Sessions, claim: ShardClaim) -> JobState | None:
+    """Refresh the claim's lease; returns its job's state, so the shard can notice a cancel, or None when
+    the claim was lost (its lease expired and the shard went to another attempt): then it stops too."""
     with sessions.begin() as s:
-        s.execute(update(Shard).where(Shard.id == shard_id).values(heartbeat_at=utcnow()))
-        return s.scalar(select(Job.state).where(Job.id == job_id))
+        held = s.execute(
+            update(Shard)
+            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt)
+            .values(heartbeat_at=utcnow())
+        ).rowcount == 1
+        return s.scalar(select(Job.state).where(Job.id == claim.job.id)) if held else None
 
 
 def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> bool:
@@ -230,13 +273,14 @@ def try_start_reduce(sessions: Sessions, job_id: str) -> bool:
         return s.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.RUNNING)
-            .values(state=JobState.REDUCING, enqueued_at=utcnow(), heartbeat_at=None)
+            .values(state=JobState.REDUCING, enqueued_at=utcnow(), heartbeat_at=None, attempts=0)
         ).rowcount == 1
 
 
 def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int, error: str, *, final: bool) -> None:
-    """A failed attempt goes back to pending for a retry; a final one marks the shard failed. Shards of a job
-    that has ended, and finished shards, keep their state."""
+    """A failed attempt goes back to pending for a retry; a final one marks the shard failed and fails the job
+    with its reason, in one transaction (a failed shard in a running job would wait for ever). Shards of a
+    job that has ended, and finished shards, keep their state."""
     live = select(Job.id).where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
     with sessions.begin() as s:
         s.execute(
@@ -245,6 +289,8 @@ def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int,
                    Shard.state.in_((ShardState.PENDING, ShardState.RUNNING)))
             .values(state=ShardState.FAILED if final else ShardState.PENDING, error=error, finished_at=utcnow())
         )
+        if final:
+            _fail(s, job_id, f"shard {side}/{index} failed: {error}")
 
 
 def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], max_recomputes: int) -> list[tuple[str, int]]:
@@ -318,11 +364,15 @@ def finish_job(sessions: Sessions, job_id: str, values: dict[str, float], result
 
 def fail_job(sessions: Sessions, job_id: str, error: str) -> bool:
     with sessions.begin() as s:
-        return s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
-            .values(state=JobState.FAILED, error=error, finished_at=utcnow())
-        ).rowcount == 1
+        return _fail(s, job_id, error)
+
+
+def _fail(s: Session, job_id: str, error: str) -> bool:
+    return s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
+        .values(state=JobState.FAILED, error=error, finished_at=utcnow())
+    ).rowcount == 1
 
 
 def cancel_job(sessions: Sessions, job_id: str) -> bool:

@@ -8,6 +8,7 @@ arrays, checked on every read: a cache file that fails it is never used, but rep
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from evalfarm.metrics import FeatureStats
 from evalfarm.models import POOL3_DIM
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import reason
+
+log = logging.getLogger(__name__)
 
 
 def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
@@ -53,9 +56,13 @@ def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: s
         return None
     except Exception as exc:  # truncated, not a zip, wrong keys or dtypes, pickled arrays: never trusted
         raise CorruptCache(path, f"unreadable ({type(exc).__name__})") from exc
-    if stats.meta.get("sha256") != stats.digest():
-        raise CorruptCache(path, "altered (their arrays do not match the digest stored with them)")
     check_compatible(what, stats.meta.get("weights_sha256"), stats.meta.get("resize"), weights_sha256, resize)
+    if "sha256" not in stats.meta:  # written before caches carried digests: sealed now, checked from now on
+        log.warning("cached reference statistics %s carry no digest (an older evalfarm wrote them); adding one", path)
+        store_reference(store, key, stats, content_hash=stats.meta.get("content_hash", ""),
+                        weights_sha256=weights_sha256, resize=resize)
+    elif stats.meta["sha256"] != stats.digest():
+        raise CorruptCache(path, "altered (their arrays do not match the digest stored with them)")
     return stats
 
 
@@ -79,7 +86,7 @@ def is_stats_file(path: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             return "mu" in z.files and "sigma" in z.files
-    except (OSError, ValueError):
+    except Exception:  # unreadable as an archive (truncated, not a zip): then it is not a statistics file
         return False
 
 

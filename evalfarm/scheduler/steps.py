@@ -68,10 +68,16 @@ class PlanOutcome:
 
 def plan_job(ctx: Context, job_id: str, weights_sha256: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> PlanOutcome:
     """Plan the sides, write the shard rows, pin the job to these weights and move it on."""
-    if not records.start_planning(ctx.sessions, job_id):
+    started = records.start_planning(ctx.sessions, job_id)
+    if started is None:
         return PlanOutcome()
-    with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.PLANNING, heartbeat_s):
-        todo = _plan(ctx, job_id, weights_sha256)
+    if started > MAX_ATTEMPTS:
+        raise JobError(f"planning started {MAX_ATTEMPTS} times without finishing (its worker died each time)")
+    try:
+        with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.PLANNING, heartbeat_s):
+            todo = _plan(ctx, job_id, weights_sha256)
+    except records.StepLost:
+        return PlanOutcome()  # cancelled meanwhile, or presumed dead and handed to another planner
     return PlanOutcome(tuple(todo), reduce=not todo)
 
 
@@ -129,17 +135,18 @@ def run_shard(
         ctx.sessions, job_id, side, index, worker=worker, weights_sha256=extractor.weights.sha256,
         lease_s=lease_s, max_attempts=max_attempts,
     )
-    if claim is None:
-        return False  # cancelled, failed, finished, or running elsewhere
+    if claim is None:  # cancelled, failed, running elsewhere, or done: then perhaps the move to reducing was
+        return records.try_start_reduce(ctx.sessions, job_id)  # lost in an outage, and this makes it
     job, t0 = claim.job, time.perf_counter()
-    uri, n_side = job.uri_of(side), job.n_of(side)
+    side_plan = job.plan.side(side)  # its uri is the resolved one (a named reference's images, not its name)
+    uri, n_side = side_plan.uri, side_plan.n
     source = _open_cached(uri)
     if len(source) != n_side:
         raise SourceError(f"{uri} changed since the job was planned: it had {n_side} images, now {len(source)}.")
     config, split_ids = job.config, None
     if side == SAMPLES and not job.is_reference_job and "is" in config.metrics:
         split_ids = split_assignment(n_side, config.splits, config.seed)[claim.start : claim.stop]
-    beat = functools.partial(records.beat, ctx.sessions, claim.shard_id, job_id)
+    beat = functools.partial(records.beat, ctx.sessions, claim)
     with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
         stats = featurize_range(
             source, claim.start, claim.stop, extractor,
@@ -162,7 +169,7 @@ def record_shard_failure(ctx: Context, job_id: str, side: str, index: int, error
     """A failed attempt goes back to pending for a retry; the final failure fails the job with its reason."""
     records.record_shard_failure(ctx.sessions, job_id, side, index, error, final=final)
     if final:
-        fail_job(ctx, job_id, f"shard {side}/{index} failed: {error}")
+        ctx.partials.drop(job_id)
 
 
 # -- reduce --------------------------------------------------------------------------------------------------------
@@ -187,10 +194,17 @@ def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTB
         return ReduceOutcome(job.result)
     if job.state != JobState.REDUCING:
         return ReduceOutcome()
-    beat = functools.partial(records.beat_job, ctx.sessions, job_id)
-    beat()  # this reducer has started: from now on the reconciler watches its lease, not the message's age
-    with Lease(beat, JobState.REDUCING, heartbeat_s):
-        return _reduce(ctx, job)
+    started = records.start_reducing(ctx.sessions, job_id)  # from now on its lease is watched
+    if started is None:
+        return ReduceOutcome()
+    if started > MAX_ATTEMPTS:
+        raise JobError(f"the reduce started {MAX_ATTEMPTS} times without finishing (its worker died each time: "
+                       "out of memory?)")
+    with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.REDUCING, heartbeat_s):
+        outcome = _reduce(ctx, job)
+    if outcome.wait:
+        records.await_reference(ctx.sessions, job_id)
+    return outcome
 
 
 def _reduce(ctx: Context, job: JobSnapshot) -> ReduceOutcome:
@@ -339,8 +353,8 @@ def fail_job(ctx: Context, job_id: str, error: str) -> None:
 
 
 def sweep(ctx: Context, *, retention_s: float) -> set[str]:
-    """The janitor: remove partials and store files of jobs that ended over `retention_s` ago (or are
-    unknown). Ending a job already removes its own; this catches what a crash or a race left behind."""
+    """The janitor: remove partials and store files of jobs that ended over `retention_s` ago. Ending a job
+    already removes its own; this catches what a crash or a race left behind."""
     cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_s)
     swept = deadlines.ended_before(ctx.sessions, ctx.partials.job_ids(), cutoff)
     for job_id in swept:

@@ -85,7 +85,3 @@ class FeatureStore:
         elif self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-
-def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
-    """Cached reference statistics are keyed by what determines them: content, weights and resize mode."""
-    return f"refs/{content_hash[:32]}-{weights_sha256[:16]}-{resize}.npz"

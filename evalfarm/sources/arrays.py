@@ -48,11 +48,14 @@ def _read_exact(fp: IO[bytes], n: int) -> bytes:
 
 
 def _read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
-    version = np.lib.format.read_magic(fp)
-    if version == (1, 0):
-        return np.lib.format.read_array_header_1_0(fp)
-    if version == (2, 0):
-        return np.lib.format.read_array_header_2_0(fp)
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(fp)
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(fp)
+    except Exception as exc:  # numpy quotes the bytes it rejected; a message must not show the file's content
+        raise ValueError("not a .npy array (its header could not be parsed)") from exc
     # 3.0 exists only for structured dtypes with non-latin-1 field names: never an image array
     raise ValueError(f".npy format version {version} cannot hold an image array; {EXPECTED_LAYOUT}")
 

@@ -41,6 +41,8 @@ def reason(exc: BaseException) -> str:
     """What went wrong, for a message that names a file: the error without any bytes it echoed from the file
     (numpy quotes the first bytes of a file whose header it rejects), and kept short."""
     text = _BYTES_LITERAL.sub("<file content not shown>", str(exc)) or type(exc).__name__
+    if "header" in text.lower():  # numpy quotes a rejected .npy header as plain text
+        return "its array header could not be parsed"
     return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "…"
 
 

@@ -16,7 +16,7 @@ from evalfarm.errors import EvalfarmError, JobCancelled
 from evalfarm.scheduler import records, steps
 from evalfarm.settings import get_settings
 from evalfarm.workers import runtime
-from evalfarm.workers.app import app
+from evalfarm.workers.app import PLAN_TASK, REDUCE_TASK, SHARD_TASK, app
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,18 @@ def _fail_job(job_id: str, *, message: str, final: bool) -> None:
         steps.fail_job(runtime.context(), job_id, message)
 
 
+def _fail_planning(job_id: str, *, message: str, final: bool) -> None:
+    if final:
+        steps.fail_job(runtime.context(), job_id, message)
+    else:  # the retry must find the job queued, or it would take it for planned already
+        records.release_planning(runtime.context().sessions, job_id)
+
+
 def _fail_shard(job_id: str, side: str, index: int, *, message: str, final: bool) -> None:
     steps.record_shard_failure(runtime.context(), job_id, side, index, message, final=final)
 
 
-@farm_task("evalfarm.plan_job", on_failure=_fail_job, what="planning")
+@farm_task(PLAN_TASK, on_failure=_fail_planning, what="planning")
 def plan_job_task(job_id: str) -> None:
     """Plan the job with this farm's weights, then enqueue its shards (or its reduce, if none)."""
     planned = steps.plan_job(runtime.context(), job_id, runtime.weights().sha256,
@@ -113,7 +120,7 @@ def plan_job_task(job_id: str) -> None:
         reduce_job_task.delay(job_id)
 
 
-@farm_task("evalfarm.featurize_shard", on_failure=_fail_shard, what="shard")
+@farm_task(SHARD_TASK, on_failure=_fail_shard, what="shard")
 def featurize_shard(job_id: str, side: str, index: int) -> None:
     """Featurize one shard; the shard that completes the job enqueues its reduce."""
     ctx, settings = runtime.context(), get_settings()
@@ -126,7 +133,7 @@ def featurize_shard(job_id: str, side: str, index: int) -> None:
         reduce_job_task.delay(job_id)
 
 
-@farm_task("evalfarm.reduce_job", on_failure=_fail_job, what="reduce")
+@farm_task(REDUCE_TASK, on_failure=_fail_job, what="reduce")
 def reduce_job_task(job_id: str) -> None:
     """Merge and record; shards whose partials were lost are enqueued again, and they reduce again after."""
     outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=get_settings().heartbeat_s)

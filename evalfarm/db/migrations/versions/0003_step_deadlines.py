@@ -18,6 +18,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
         batch.add_column(sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=True))
+        batch.add_column(sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"))
     with op.batch_alter_table("shards") as batch:
         batch.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
     op.create_table(
@@ -34,5 +35,6 @@ def downgrade() -> None:
     with op.batch_alter_table("shards") as batch:
         batch.drop_column("enqueued_at")
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("attempts")
         batch.drop_column("heartbeat_at")
         batch.drop_column("enqueued_at")

@@ -1,0 +1,59 @@
+"""Cached reference statistics are checked on every read: a damaged file is never used, and names itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evalfarm.metrics import FeatureStats
+from evalfarm.scheduler.references import CorruptCache, load_reference, store_reference
+from evalfarm.scheduler.store import FeatureStore
+
+KEY, WEIGHTS, RESIZE = "refs/example.npz", "w" * 64, "tf"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> FeatureStore:
+    return FeatureStore(str(tmp_path / "store"))
+
+
+def cached(store: FeatureStore) -> FeatureStats:
+    stats = FeatureStats.of(np.abs(np.random.RandomState(0).normal(size=(6, 4))).astype(np.float32))
+    store_reference(store, KEY, stats, content_hash="c" * 64, weights_sha256=WEIGHTS, resize=RESIZE)
+    return stats
+
+
+def test_a_cached_reference_reads_back_equal(store: FeatureStore) -> None:
+    stats = cached(store)
+    back = load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+    np.testing.assert_array_equal(back.gram, stats.gram)
+    np.testing.assert_array_equal(back.features, stats.features)
+
+
+def test_an_altered_cache_file_is_refused_naming_its_path(store: FeatureStore) -> None:
+    stats = cached(store)
+    stats.sum[0] += 1.0  # valid file, other numbers, the old digest
+    stats.meta = dict(stats.meta)
+    store.put_bytes(KEY, stats.to_bytes())
+    with pytest.raises(CorruptCache, match=r"example.npz are altered"):
+        load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+
+
+def test_a_truncated_cache_file_is_refused_naming_its_path(store: FeatureStore) -> None:
+    cached(store)
+    data = store.get_bytes(KEY)
+    store.put_bytes(KEY, data[: len(data) // 2])
+    with pytest.raises(CorruptCache, match=r"example.npz are unreadable \(BadZipFile\)"):
+        load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+
+
+def test_a_cache_file_from_before_digests_is_sealed_on_first_read(store: FeatureStore) -> None:
+    stats = FeatureStats.of(np.ones((3, 4), np.float32) + np.eye(3, 4, dtype=np.float32))
+    stats.meta = {"content_hash": "c" * 64, "weights_sha256": WEIGHTS, "resize": RESIZE}  # no digest
+    store.put_bytes(KEY, stats.to_bytes())
+
+    load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+
+    assert FeatureStats.from_bytes(store.get_bytes(KEY)).meta["sha256"] == stats.digest()
