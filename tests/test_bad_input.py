@@ -300,3 +300,23 @@ def test_flower_refuses_another_address_without_auth() -> None:
     assert proc.returncode == 2
     assert "refusing to serve Flower on 0.0.0.0 without authentication" in proc.stderr
     assert "FLOWER_BASIC_AUTH" in proc.stderr
+
+
+# -- a damaged named reference ------------------------------------------------------------------------------------
+
+
+def test_a_named_reference_whose_cache_was_damaged_is_featurized_again_from_its_images(
+    samples: Path, reference: Path, weights_path: Path
+) -> None:
+    run_embedded(str(reference), None, EvalConfig(metrics=()), weights=str(weights_path), kind=JOB_REFERENCE,
+                 reference_name="ref-to-damage")
+    kid = dict(weights=str(weights_path), metrics=("kid",), kid_subset_size=3, kid_subsets=2)
+    before = evalfarm.evaluate(str(samples), "ref-to-damage", **kid)
+    [cache] = (Path(get_settings().store) / "refs").glob("*.npz")
+    cache.write_bytes(cache.read_bytes()[:100])
+
+    after = evalfarm.evaluate(str(samples), "ref-to-damage", **kid)
+
+    assert after[KEY_KID_MEAN] == before[KEY_KID_MEAN]
+    assert after["images_featurized"] == 4 + 3
+    assert [str(cache) in w and "unreadable" in w for w in after["warnings"]] == [True]
