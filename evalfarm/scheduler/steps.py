@@ -137,7 +137,7 @@ def run_shard(
     )
     if claim is None:  # cancelled, failed, running elsewhere, or done: then perhaps the move to reducing was
         return records.try_start_reduce(ctx.sessions, job_id)  # lost in an outage, and this makes it
-    job, t0 = claim.job, time.perf_counter()
+    job = claim.job
     side_plan = job.plan.side(side)  # its uri is the resolved one (a named reference's images, not its name)
     uri, n_side = side_plan.uri, side_plan.n
     source = _open_cached(uri)
@@ -148,20 +148,24 @@ def run_shard(
         split_ids = split_assignment(n_side, config.splits, config.seed)[claim.start : claim.stop]
     beat = functools.partial(records.beat, ctx.sessions, claim)
     with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
+        t0 = time.perf_counter()
         stats = featurize_range(
             source, claim.start, claim.stop, extractor,
             resize=config.resize, batch_size=batch_size or config.batch_size, num_workers=num_workers,
             split_ids=split_ids, splits=config.splits, on_batch=on_batch, should_stop=lease.stopped,
             keep_features=job.keeps_features(side),
         )
+        seconds = time.perf_counter() - t0  # featurizing alone: status and benchmarks split the rest off
     # A shard of one batch never saw the loop's check: ask once more before writing anything.
     if lease.stopped() or records.job_state(ctx.sessions, job_id) != JobState.RUNNING:
         raise JobCancelled("the job was cancelled")
     ctx.partials.put(job_id, side, index, stats)
-    if not records.finish_shard(ctx.sessions, claim, time.perf_counter() - t0):
+    if not records.finish_shard(ctx.sessions, claim, seconds):
         if records.job_state(ctx.sessions, job_id) != JobState.RUNNING:
             ctx.partials.discard(job_id, side, index)  # the job ended meanwhile: leave nothing behind
-        return False  # else another attempt holds the shard now, and its partial is the one that counts
+        # Else another attempt holds the shard: its write is the one its row stands for, and should the two
+        # writes have interleaved, the digests tell the reducer, which recomputes the shard.
+        return False
     return records.try_start_reduce(ctx.sessions, job_id)
 
 
