@@ -230,10 +230,10 @@ def embedded_baseline(report: Report, w: Any, root: Path, weights: Path) -> floa
 
 
 def farm_runs(report: Report, w: Any, root: Path, weights: Path, env: dict[str, str], t_embedded: float) -> None:
-    from evalfarm.client import Client
     from evalfarm.config import EvalConfig
+    from evalfarm.farm import Farm
 
-    client = Client()
+    client = Farm()
     config = EvalConfig(metrics=("is", "fid"), cache=False, batch_size=64)
     warm_config = config.with_(shard_size=WARM_BATCH)
     job_ids: list[str] = []

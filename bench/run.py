@@ -29,7 +29,7 @@ from common import (  # noqa: E402
     temp_dir,
 )
 
-SECTIONS = ("featurize", "reducer", "memory", "farm")
+SECTIONS = ("featurize", "reducer", "memory", "farm", "api")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             import farm
 
             farm.run(report, root=root, weights=weights, quick=args.quick, workload=workload)
+        if "api" in args.sections:
+            import api
+
+            api.run(report, root=root, weights=weights, quick=args.quick)
     summary(report)
     print(f"total benchmark wall time: {time.perf_counter() - t0:.1f} s")
     return 0

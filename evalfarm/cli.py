@@ -6,6 +6,7 @@ import csv
 import functools
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -114,6 +115,24 @@ def format_result(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def farm_client() -> Any:
+    """The light HTTP client when EVALFARM_API_URL is set, else the farm's database and broker directly."""
+    if get_settings().api_url:
+        from evalfarm.client import Client
+
+        return Client()
+    from evalfarm.farm import Farm
+
+    return Farm()
+
+
+def submitted_path(uri: str) -> str:
+    """A relative local path means the user's working directory, not the farm's: make it absolute."""
+    from evalfarm.sources.base import is_url
+
+    return uri if is_url(uri) or os.path.isabs(uri) or not os.path.exists(uri) else os.path.abspath(uri)
+
+
 def write_json(path: str, result: dict[str, Any]) -> None:
     with click.open_file(path, "w") as f:
         json.dump(result, f, indent=2, sort_keys=True)
@@ -162,11 +181,15 @@ def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | N
 @click.option("--limit", type=int, default=50, show_default=True)
 @_errors
 def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> None:
-    """List finished jobs and their metrics from the results database (EVALFARM_DATABASE_URL or local)."""
-    from evalfarm.db import session_factory
-    from evalfarm.scheduler.queries import query_results
+    """List finished jobs and their metrics: from the farm's API (EVALFARM_API_URL), else the results
+    database (EVALFARM_DATABASE_URL, or this machine's)."""
+    if get_settings().api_url:
+        rows = farm_client().results(run=run, metric=metric, limit=limit)
+    else:
+        from evalfarm.db import session_factory
+        from evalfarm.scheduler.queries import query_results
 
-    rows = query_results(session_factory(get_settings().db_url), run=run, metric=metric, limit=limit)
+        rows = query_results(session_factory(get_settings().db_url), run=run, metric=metric, limit=limit)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -214,12 +237,12 @@ def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size
 
     config = EvalConfig(metrics=(), resize=resize, batch_size=batch_size, shard_size=shard_size)
     if local is False or (local is None and get_settings().database_url):
-        from evalfarm.client import Client
+        from evalfarm.farm import Farm
 
-        client = Client()
-        job_id = client.submit(samples, None, config, kind=keys.JOB_REFERENCE, reference_name=name)
+        farm = Farm()
+        job_id = farm.submit(submitted_path(samples), None, config, kind=keys.JOB_REFERENCE, reference_name=name)
         click.echo(f"creating reference {name} on the farm: job {job_id}", err=True)
-        result = client.wait(job_id)
+        result = farm.wait(job_id)
         click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}")
         return
     result = run_embedded(samples, None, config, weights=weights, device=device, kind=keys.JOB_REFERENCE,
@@ -231,11 +254,15 @@ def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size
 @ref_group.command("list")
 @_errors
 def ref_list() -> None:
-    """List named references."""
-    from evalfarm.db import session_factory
-    from evalfarm.scheduler.queries import list_references
+    """List named references (the farm's through its API when EVALFARM_API_URL is set)."""
+    if get_settings().api_url:
+        refs = farm_client().references()
+    else:
+        from evalfarm.db import session_factory
+        from evalfarm.scheduler.queries import list_references
 
-    for r in list_references(session_factory(get_settings().db_url)):
+        refs = list_references(session_factory(get_settings().db_url))
+    for r in refs:
         click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{r['weights_sha256'][:16]}\t{r['uri']}")
 
 
@@ -253,7 +280,6 @@ def ref_list() -> None:
 def worker_cmd(queues: str, device: str | None, concurrency: int | None, loader_workers: int | None,
                loglevel: str) -> None:
     """Run a farm worker on the broker at EVALFARM_REDIS_URL."""
-    import os
 
     from evalfarm.pipeline.featurize import default_num_workers
 
@@ -265,6 +291,9 @@ def worker_cmd(queues: str, device: str | None, concurrency: int | None, loader_
     if loader_workers is None:
         loader_workers = get_settings().loader_workers or default_num_workers(concurrency)
     os.environ["EVALFARM_LOADER_WORKERS"] = str(loader_workers)  # the pool's children read their settings
+    if not get_settings().sample_roots:
+        click.echo("warning: EVALFARM_SAMPLE_ROOTS is not set: this worker reads any path of a job submitted "
+                   "straight to the database, and refuses every job submitted through the API", err=True)
     from evalfarm.workers.app import app
 
     app.worker_main([
@@ -301,7 +330,6 @@ def flower_cmd(address: str, port: int, basic_auth: str | None, no_auth: bool, f
     It shows task arguments (job ids) and can revoke tasks, so it binds loopback unless told otherwise, and
     refuses to serve another address without authentication unless --no-auth says so.
     """
-    import os
 
     if address not in LOOPBACK and not basic_auth and not no_auth:
         raise click.UsageError(
@@ -323,14 +351,17 @@ def flower_cmd(address: str, port: int, basic_auth: str | None, no_auth: bool, f
 @click.option("--run", help="Run name.")
 @click.option("--step", type=int, help="Training step / checkpoint.")
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--idempotency-key", help="Submitting again with this key returns the same job instead of a new one.")
+@click.option("--callback-url", help="POSTed a signed JSON body when the job ends (its host must be in the farm's "
+              "EVALFARM_CALLBACK_HOSTS).")
 @_errors
 def submit_cmd(samples: str, ref: str | None, weights_sha256: str | None, run: str | None, step: int | None,
-               tags: tuple[str, ...], **kw: Any) -> None:
-    """Submit a job to the farm; prints the job id as the last line."""
-    from evalfarm.client import Client
-
-    job_id = Client().submit(samples, ref, config_from_flags(kw), run=run, step=step, tags=parse_tags(tags),
-                             weights_sha256=weights_sha256)
+               tags: tuple[str, ...], idempotency_key: str | None, callback_url: str | None, **kw: Any) -> None:
+    """Submit a job to the farm (its API when EVALFARM_API_URL is set); prints the job id as the last line."""
+    job_id = farm_client().submit(
+        submitted_path(samples), ref and submitted_path(ref), config_from_flags(kw), run=run, step=step, tags=parse_tags(tags),
+        weights_sha256=weights_sha256, idempotency_key=idempotency_key, callback_url=callback_url,
+    )
     click.echo(f"submitted {samples}" + (f" against {ref}" if ref else ""))
     click.echo(job_id)
 
@@ -341,9 +372,7 @@ def submit_cmd(samples: str, ref: str | None, weights_sha256: str | None, run: s
 @_errors
 def status_cmd(job_id: str, as_json: bool) -> None:
     """State, shards done/total, speed, ETA and failures of a job."""
-    from evalfarm.client import Client
-
-    st = Client().status(job_id)
+    st = farm_client().status(job_id)
     if as_json:
         click.echo(json.dumps(st, indent=2, default=str))
         return
@@ -356,6 +385,10 @@ def status_cmd(job_id: str, as_json: bool) -> None:
         click.echo(f"  {f['side']}/{f['shard']} (attempts {f['attempts']}): {f['error']}")
     if st["error"]:
         click.echo(f"  error: {st['error']}")
+    if st.get("callback"):
+        cb = st["callback"]
+        click.echo(f"  callback {cb['url']}: {cb['state']}, {cb['attempts']} attempts"
+                   + (f", last HTTP {cb['last_status']}" if cb.get("last_status") else ""))
 
 
 @main.command("wait")
@@ -365,10 +398,8 @@ def status_cmd(job_id: str, as_json: bool) -> None:
 @_errors
 def wait_cmd(job_id: str, json_path: str | None, timeout: float | None) -> None:
     """Block until the job ends; exit 1 if it failed or was cancelled."""
-    from evalfarm.client import Client
-
     try:
-        result = Client().wait(job_id, timeout=timeout)
+        result = farm_client().wait(job_id, timeout=timeout)
     except TimeoutError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -380,14 +411,76 @@ def wait_cmd(job_id: str, json_path: str | None, timeout: float | None) -> None:
 @main.command("api")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--workers", type=int, default=1, show_default=True, help="Server processes.")
+@click.option("--log-level", default="info", show_default=True)
 @_errors
-def api_cmd(host: str, port: int) -> None:
-    """Serve the JSON HTTP API (submit, status, cancel, results) for clients that do not run Python."""
-    from evalfarm.api.server import make_server
+def api_cmd(host: str, port: int, workers: int, log_level: str) -> None:
+    """Serve the farm's HTTP API (OpenAPI at /openapi.json, docs at /docs) for training infra.
 
-    server = make_server(host, port)
-    click.echo(f"evalfarm API on http://{host}:{port}", err=True)
-    server.serve_forever()
+    Every route but /health needs a token (`evalfarm token create`); submitted paths must lie inside
+    EVALFARM_SAMPLE_ROOTS, and webhooks go only to EVALFARM_CALLBACK_HOSTS.
+    """
+    import uvicorn
+
+    settings = get_settings()
+    if not settings.database_url:
+        raise EvalfarmError("the API serves the farm: set EVALFARM_DATABASE_URL (and EVALFARM_REDIS_URL)")
+    if not settings.sample_roots:
+        click.echo("warning: EVALFARM_SAMPLE_ROOTS is not set: every submission of a path will be refused",
+                   err=True)
+    uvicorn.run("evalfarm.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level)
+
+
+@main.group("token")
+def token_group() -> None:
+    """API tokens (stored as hashes in the farm's database, EVALFARM_DATABASE_URL)."""
+
+
+def _token_sessions() -> Any:
+    from evalfarm.db import session_factory
+
+    settings = get_settings()
+    if not settings.database_url:
+        raise EvalfarmError("tokens live in the farm's database: set EVALFARM_DATABASE_URL")
+    return session_factory(settings.db_url)
+
+
+@token_group.command("create")
+@click.argument("name")
+@click.option("--scopes", default="read,submit", show_default=True, help="Comma-separated: read, submit, admin.")
+@_errors
+def token_create(name: str, scopes: str) -> None:
+    """Create a token; prints it as the last line (it is shown only this once)."""
+    from evalfarm.scheduler.tokens import create_token, parse_scopes
+
+    token = create_token(_token_sessions(), name, parse_scopes(scopes))
+    click.echo(f"token {name} ({scopes}); keep it secret, it is not shown again:", err=True)
+    click.echo(token)
+
+
+@token_group.command("list")
+@_errors
+def token_list() -> None:
+    """Tokens by name, with scopes and when they were created, last used and revoked."""
+    from evalfarm.scheduler.tokens import list_tokens
+
+    for t in list_tokens(_token_sessions()):
+        when = {k: (t[k].isoformat(timespec="seconds") if t[k] else "-") for k in ("created_at", "last_used_at")}
+        state = f"revoked {t['revoked_at'].isoformat(timespec='seconds')}" if t["revoked_at"] else "active"
+        click.echo(f"{t['name']}\t{t['scopes']}\t{state}\tcreated {when['created_at']}\tlast used {when['last_used_at']}")
+
+
+@token_group.command("revoke")
+@click.argument("name")
+@_errors
+def token_revoke(name: str) -> None:
+    """Revoke a token: its requests are refused from now on."""
+    from evalfarm.scheduler.tokens import revoke_token
+
+    if not revoke_token(_token_sessions(), name):
+        raise EvalfarmError(f"no active token named {name!r}")
+    click.echo(f"token {name} revoked")
 
 
 @main.command("cancel")
@@ -395,9 +488,7 @@ def api_cmd(host: str, port: int) -> None:
 @_errors
 def cancel_cmd(job_id: str) -> None:
     """Cancel a job: queued shards are skipped, running shards stop at their next batch."""
-    from evalfarm.client import Client
-
-    click.echo(f"job {job_id}: " + ("cancelled" if Client().cancel(job_id) else "already finished"))
+    click.echo(f"job {job_id}: " + ("cancelled" if farm_client().cancel(job_id) else "already finished"))
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ class EvalConfig:
         for name in ("splits", "kid_subsets", "kid_subset_size", "batch_size", "shard_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if not 0 <= self.seed < 2**32:  # numpy's RandomState, which draws IS splits and KID subsets
+            raise ValueError(f"seed must be in [0, 2**32); got {self.seed}")
 
     @property
     def needs_reference(self) -> bool:

@@ -27,5 +27,27 @@ class JobError(EvalfarmError):
     """A job failed, was cancelled, or is not in a state that allows the request."""
 
 
+class JobNotFound(JobError):
+    """No job has this id."""
+
+
+class NotAllowed(EvalfarmError):
+    """The farm's policy refuses the request: a path outside EVALFARM_SAMPLE_ROOTS, a callback host outside
+    EVALFARM_CALLBACK_HOSTS, a job that is not the caller's. Nothing was read or sent."""
+
+
+class InvalidField(EvalfarmError):
+    """A field of a request the farm cannot accept, named (the API answers 422 with it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class Conflict(EvalfarmError):
+    """The request contradicts what the farm already holds: an idempotency key reused with another body,
+    weights that no worker of the farm holds."""
+
+
 class JobCancelled(JobError):
     """Raised inside shard work when the job was cancelled, to stop between batches."""

@@ -27,6 +27,10 @@ def _optional_int(value: str | None) -> int | None:
     return None if value is None else int(value)
 
 
+def _list(name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (_env(name) or "").split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     store: str = field(default_factory=lambda: _env("STORE", str(DEFAULT_HOME / "store")))
@@ -56,6 +60,18 @@ class Settings:
     shard waits in a busy queue, or duplicates (harmless: steps are idempotent) cost a little work each."""
     retention_s: float = field(default_factory=lambda: float(_env("RETENTION_S", "86400")))
     """Partials and store files of a job that ended longer ago than this are removed by the reconciler."""
+
+    sample_roots: tuple[str, ...] = field(default_factory=lambda: _list("SAMPLE_ROOTS"))
+    """Directories and URL prefixes the farm may read samples from (comma-separated). The API refuses any
+    other path, and none at all while this is empty; workers check it again before reading when set."""
+    callback_hosts: tuple[str, ...] = field(default_factory=lambda: _list("CALLBACK_HOSTS"))
+    """Hosts (`host` or `host:port`) that job webhooks may be sent to; the farm posts nowhere else."""
+    webhook_secret: str | None = field(default_factory=lambda: _env("WEBHOOK_SECRET"), repr=False)
+    """HMAC-SHA256 key of the `X-Evalfarm-Signature` header of webhooks."""
+    api_url: str | None = field(default_factory=lambda: _env("API_URL"))
+    """The farm's HTTP API; when set, the light client and the CLI's farm commands speak to it."""
+    api_token: str | None = field(default_factory=lambda: _env("API_TOKEN"), repr=False)
+    """Bearer token sent to the API (`evalfarm token create`)."""
 
     @property
     def db_url(self) -> str:

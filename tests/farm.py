@@ -66,39 +66,30 @@ def reset_services() -> None:
     url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = sqlalchemy.create_engine(url)
     with engine.begin() as c:
-        c.exec_driver_sql('DROP TABLE IF EXISTS results, shards, "references", reference_builds, jobs, alembic_version CASCADE')
+        c.exec_driver_sql('DROP TABLE IF EXISTS deliveries, tokens, results, shards, "references", reference_builds, jobs, '
+                          'alembic_version CASCADE')
     engine.dispose()
     from evalfarm.db import session as db_session
 
     db_session._engines.clear()  # noqa: SLF001 - a fresh schema needs a fresh (migrating) engine
 
 
-class Worker:
-    """An `evalfarm worker` subprocess in its own process group, so a test can SIGKILL all of it."""
+class Process:
+    """A subprocess in its own process group with its log in a file, so that a test can kill all of it."""
 
-    def __init__(self, env: dict[str, str], log: Path, queues: str = "gpu,cpu") -> None:
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
         self.log_path = log
         self.log = open(log, "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "evalfarm.cli", "worker", "-c", "1", "--queues", queues, "--loglevel", "info"],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    def wait_ready(self, timeout: float = 60) -> Worker:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if b" ready." in self.log_path.read_bytes():
-                return self
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited early:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _died(self, what: str) -> RuntimeError:
+        return RuntimeError(f"{what} exited early:\n{self.log_path.read_text()[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL the whole worker (main process and pool children): a machine lost mid-shard."""
+        """SIGKILL the whole group (main process and its children): a machine lost mid-step."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
@@ -111,3 +102,47 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+
+
+class Worker(Process):
+    """An `evalfarm worker` subprocess (its main process and pool children in one group)."""
+
+    def __init__(self, env: dict[str, str], log: Path, queues: str = "gpu,cpu") -> None:
+        super().__init__([sys.executable, "-m", "evalfarm.cli", "worker", "-c", "1", "--queues", queues,
+                          "--loglevel", "info"], env, log)
+
+    def wait_ready(self, timeout: float = 60) -> Worker:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b" ready." in self.log_path.read_bytes():
+                return self
+            if not self.alive():
+                raise self._died("worker")
+            time.sleep(0.3)
+        raise TimeoutError(f"worker not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+
+class ApiServer(Process):
+    """`evalfarm api` as a subprocess (uvicorn), on a free port of 127.0.0.1."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        from .servers import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([sys.executable, "-m", "evalfarm.cli", "api", "--host", "127.0.0.1", "--port",
+                          str(self.port)], env, log)
+
+    def wait_ready(self, timeout: float = 60) -> ApiServer:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise self._died("API")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"API not serving after {timeout} s:\n{self.log_path.read_text()[-3000:]}")

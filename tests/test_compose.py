@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
-SERVICES = ("redis", "postgres", "scheduler", "gpu-worker", "flower")
+SERVICES = ("redis", "postgres", "scheduler", "gpu-worker", "api", "flower")
 REDIS_FLAGS = ("--appendonly yes", "--appendfsync everysec", "--maxmemory-policy noeviction")
 
 
@@ -82,6 +82,14 @@ def test_compose_structure() -> None:
     assert device["driver"] == "nvidia" and device["count"] == 1 and device["capabilities"] == ["gpu"]
     assert any(str(v).split(":")[1] == "/data/store" for v in gpu["volumes"])
     assert any(str(v).split(":")[0] == "store" for v in services["scheduler"]["volumes"])  # same store as workers
+
+    api = services["api"]
+    assert _words(api["command"]).split()[0] == "api"
+    assert "/health" in _words(api["healthcheck"]["test"])
+    for name in ("api", "scheduler", "gpu-worker"):  # the API checks the roots, and the workers again
+        assert services[name]["environment"]["EVALFARM_SAMPLE_ROOTS"].endswith("/data/samples}")
+        assert "./samples:/data/samples:ro" in services[name]["volumes"]  # one view of the samples' symlinks
+        assert "EVALFARM_WEBHOOK_SECRET" in services[name]["environment"]
 
     flower = services["flower"]
     assert "flower" in _words(flower["command"])

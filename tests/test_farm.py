@@ -17,6 +17,7 @@ import evalfarm
 from evalfarm import keys
 from evalfarm.config import EvalConfig
 from evalfarm.db import Job, Shard
+from evalfarm.workers.registry import held_weights
 
 from .farm import DATABASE_URL, FAST_LEASES, REDIS_URL, Worker, farm_env, require_services, reset_services
 from .helpers import in_home, wait_until, write_images
@@ -69,9 +70,9 @@ def farm(tmp_path: Path, weights_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def client():
-    from evalfarm.client import Client
+    from evalfarm.farm import Farm
 
-    return Client()
+    return Farm()
 
 
 def assert_same_numbers(result: dict, expected: dict, rel: float = 1e-6) -> None:
@@ -205,43 +206,22 @@ def test_a_worker_with_other_weights_refuses_the_shards(farm, farm_data, other_w
         client().wait(job_id, timeout=120)
 
 
-def test_http_api_submits_reports_and_cancels(farm, farm_data):
-    import threading
-    import urllib.request
-
-    from evalfarm.api.server import make_server
-
-    server = make_server("127.0.0.1", 0, client())
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-
-    def call(method: str, path: str, body: dict | None = None):
-        req = urllib.request.Request(base + path, method=method, data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    try:
-        status, body = call("POST", "/jobs", {"samples": str(farm_data[0]), "metrics": "is", "splits": 2, "run": "api"})
-        assert status == 202
-        job_id = body["job_id"]
-        status, body = call("GET", f"/jobs/{job_id}")
-        assert status == 200 and body["state"] == "queued"  # no worker runs in this test
-        assert call("POST", f"/jobs/{job_id}/cancel")[1]["cancelled"] is True
-        assert call("GET", f"/jobs/{job_id}")[1]["state"] == "cancelled"
-        assert call("POST", "/jobs", {"samples": "x", "metrics": "nope"})[0] == 400
-        assert call("GET", "/jobs/00000000-0000-0000-0000-000000000000")[0] == 404
-    finally:
-        server.shutdown()
+def test_a_job_that_requires_other_weights_is_refused_at_submit_once_a_worker_announced_its_own(farm, farm_data):
+    start, _ = farm
+    start(queues="cpu")
+    wait_until(lambda: held_weights(client().ctx.partials.redis), 60, "the worker to announce its weights")
+    before = len(client().jobs(limit=1000))
+    with pytest.raises(evalfarm.errors.Conflict, match="no worker of this farm holds Inception weights"):
+        client().submit(str(farm_data[0]), None, EvalConfig(metrics=("is",), splits=2), weights_sha256="0" * 64)
+    assert len(client().jobs(limit=1000)) == before
 
 
 def test_a_job_that_requires_other_weights_fails_at_planning(farm, farm_data):
     start, _ = farm
-    start(queues="cpu")
+    # Submitted while no worker has announced its weights (a farm scaling up from zero): accepted, then
+    # refused by the first planner, which holds other weights.
     job_id = client().submit(str(farm_data[0]), None, EvalConfig(metrics=("is",), splits=2), weights_sha256="0" * 64)
+    start(queues="cpu")
     with pytest.raises(evalfarm.JobError, match=r"asks for Inception weights with sha256 000000000000"):
         client().wait(job_id, timeout=120)
     assert shards_of(job_id) == []  # refused before any shard was planned

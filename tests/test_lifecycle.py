@@ -35,6 +35,7 @@ from evalfarm.models import FeatureExtractor, Weights
 from evalfarm.models.weights import file_sha256
 from evalfarm.scheduler import deadlines, records
 from evalfarm.scheduler.context import Context
+from evalfarm.scheduler.ends import cancel_job, fail_job, sweep
 from evalfarm.scheduler.job import EMBEDDED
 from evalfarm.scheduler.partials import MemoryPartials, PartialStore
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES
@@ -44,13 +45,10 @@ from evalfarm.scheduler.steps import (
     MAX_RECOMPUTES,
     PlanOutcome,
     ReduceOutcome,
-    cancel_job,
-    fail_job,
     plan_job,
     record_shard_failure,
     reduce_job,
     run_shard,
-    sweep,
 )
 from evalfarm.scheduler.store import FeatureStore
 
@@ -155,8 +153,8 @@ def expected(tmp_path_factory: pytest.TempPathFactory, image_sets: tuple[str, st
 def new_job(ctx: Context, image_sets: tuple[str, str], weights_sha256: str | None, config: EvalConfig = CONFIG
             ) -> str:
     samples, reference = image_sets
-    return records.create_job(ctx.sessions, samples=samples, ref=reference, config=config,
-                              weights_sha256=weights_sha256, mode=EMBEDDED, kind=JOB_EVAL)
+    request = records.Submission(samples, reference, config, kind=JOB_EVAL, weights_sha256=weights_sha256)
+    return records.create_job(ctx.sessions, request, mode=EMBEDDED).job_id
 
 
 def planned_job(ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor,

@@ -1,1 +1,2 @@
-"""HTTP API of the farm: JSON over the same `Client` the CLI uses. Standard library only."""
+"""The farm's HTTP service (FastAPI): tokens, the sample-root policy, idempotent submits, signed webhooks.
+See `evalfarm.api.app`; the light client that speaks to it is `evalfarm.client`."""

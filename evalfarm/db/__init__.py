@@ -1,10 +1,13 @@
 """Persistence: SQLAlchemy models, typed states and sessions (Postgres in the farm, SQLite embedded)."""
 
-from evalfarm.db.models import FINAL_STATES, Job, JobState, Reference, ReferenceBuild, Result, Shard, ShardState
+from evalfarm.db.models import Delivery, Job, Reference, ReferenceBuild, Result, Shard, Token
 from evalfarm.db.session import get_engine, session_factory
+from evalfarm.states import FINAL_STATES, DeliveryState, JobState, ShardState
 
 __all__ = [
     "FINAL_STATES",
+    "Delivery",
+    "DeliveryState",
     "Job",
     "JobState",
     "Reference",
@@ -12,6 +15,7 @@ __all__ = [
     "Result",
     "Shard",
     "ShardState",
+    "Token",
     "get_engine",
     "session_factory",
 ]

@@ -6,50 +6,13 @@ truth: Redis only carries messages and transient partials.
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime, timezone
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-
-class _State(str, enum.Enum):
-    """A state stored as its lower-case value; prints and formats as that value, compares equal to it."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-
-class JobState(_State):
-    """queued → planning → running → reducing → succeeded | failed | cancelled."""
-
-    QUEUED = "queued"
-    PLANNING = "planning"
-    RUNNING = "running"
-    REDUCING = "reducing"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def final(self) -> bool:
-        return self in FINAL_STATES
-
-
-class ShardState(_State):
-    """pending → running → done | failed; a failed attempt or a lost worker goes back to pending."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+from evalfarm.states import DeliveryState, JobState, ShardState, _State
 
 
 def _state_column(states: type[_State]) -> Enum:
@@ -103,6 +66,15 @@ class Job(Base):
     """The lease of a running planner or reducer, refreshed while it works."""
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     """How often the current job-level step (planning, then reducing) was started: a poison job ends."""
+    submitted_by: Mapped[str | None] = mapped_column(String(100), index=True)
+    """The API token's name (or `local:USER` for a submit straight to the database): who may cancel it."""
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
+    """Digest of the submitted request, so that a reused idempotency key with another body is refused."""
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    """Where the job's end is posted (a signed webhook), if anywhere."""
+
+    __table_args__ = (UniqueConstraint("submitted_by", "idempotency_key", name="uq_job_idempotency"),)
 
     shards: Mapped[list[Shard]] = relationship(back_populates="job", order_by="Shard.side, Shard.index", lazy="selectin")
     results: Mapped[list[Result]] = relationship(back_populates="job", lazy="selectin")
@@ -170,3 +142,35 @@ class Reference(Base):
     n: Mapped[int] = mapped_column(Integer)
     store_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Token(Base):
+    """An API token, stored only as the SHA-256 of its secret; revoked tokens stay for the record."""
+
+    __tablename__ = "tokens"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[str] = mapped_column(String(100))  # comma-separated: read, submit, admin
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class Delivery(Base):
+    """The webhook of one ended job: written in the transaction that ends the job (an outbox), then sent."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    """Sent as X-Evalfarm-Delivery, the same on every attempt, so that a receiver can drop duplicates."""
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    url: Mapped[str] = mapped_column(Text)
+    state: Mapped[DeliveryState] = mapped_column(_state_column(DeliveryState), default=DeliveryState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    next_at: Mapped[datetime]
+    """When the next attempt is due; while an attempt runs, when it is presumed lost (its lease)."""
+    delivered_at: Mapped[datetime | None]

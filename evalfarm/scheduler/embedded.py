@@ -16,8 +16,9 @@ from evalfarm.keys import JOB_EVAL
 from evalfarm.models import FeatureExtractor, load_weights
 from evalfarm.scheduler import records
 from evalfarm.scheduler.context import embedded_context
+from evalfarm.scheduler.ends import fail_job
 from evalfarm.scheduler.job import EMBEDDED
-from evalfarm.scheduler.steps import fail_job, plan_job, reduce_job, run_shard
+from evalfarm.scheduler.steps import plan_job, reduce_job, run_shard
 from evalfarm.settings import Settings, get_settings
 
 
@@ -41,10 +42,9 @@ def run_embedded(
     settings = settings or get_settings()
     w = load_weights(settings, weights)
     ctx = embedded_context(settings)
-    job_id = records.create_job(
-        ctx.sessions, samples=samples, ref=ref, config=config, weights_sha256=w.sha256, mode=EMBEDDED, kind=kind,
-        run=run, step=step, tags=tags, reference_name=reference_name,
-    )
+    request = records.Submission(samples, ref, config, kind=kind, run=run, step=step, tags=tags or {},
+                                 weights_sha256=w.sha256, reference_name=reference_name)
+    job_id = records.create_job(ctx.sessions, request, mode=EMBEDDED).job_id
     extractor: FeatureExtractor | None = None
 
     def featurize(shards: tuple[tuple[str, int], ...]) -> None:

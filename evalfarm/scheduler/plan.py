@@ -21,7 +21,7 @@ from evalfarm.scheduler.references import (
     reference_key,
 )
 from evalfarm.scheduler.store import FeatureStore
-from evalfarm.sources import open_source
+from evalfarm.sources import SampleRoots, open_source
 
 SAMPLES, REFERENCE = "samples", "reference"
 SIDES = (SAMPLES, REFERENCE)
@@ -97,8 +97,8 @@ def shard_ranges(n: int, shard_size: int) -> tuple[tuple[int, int], ...]:
     return tuple((s, min(s + shard_size, n)) for s in range(0, n, shard_size))
 
 
-def plan_samples(uri: str, config: EvalConfig) -> SidePlan:
-    source = open_source(uri)
+def plan_samples(uri: str, config: EvalConfig, roots: SampleRoots) -> SidePlan:
+    source = open_source(uri, roots=roots)
     n = len(source)
     if "is" in config.metrics and n < config.splits:
         raise MetricInputError(
@@ -109,12 +109,14 @@ def plan_samples(uri: str, config: EvalConfig) -> SidePlan:
 
 
 def plan_reference(
-    ref: str, config: EvalConfig, store: FeatureStore, weights_sha256: str, named: NamedReference | None
+    ref: str, config: EvalConfig, store: FeatureStore, weights_sha256: str, named: NamedReference | None,
+    roots: SampleRoots,
 ) -> SidePlan:
-    """`named` is the registered reference when `ref` names one."""
+    """`named` is the registered reference when `ref` names one (its statistics are read, not a path)."""
     if named is not None:
         check_compatible(f"'{named.name}'", named.weights_sha256, named.resize, weights_sha256, config.resize)
         return SidePlan(named.uri, named.n, named.content_hash, SideSource.STORED, store_key=named.store_key)
+    roots.check(ref, "ref")
     if is_stats_file(ref):
         if "kid" in config.metrics:
             raise MetricInputError(
@@ -124,7 +126,7 @@ def plan_reference(
         stats = load_stats_file(ref, weights_sha256, config.resize)
         return SidePlan(ref, stats.n, None, SideSource.STATS_FILE)
     try:
-        source = open_source(ref)
+        source = open_source(ref, roots=roots)
     except SourceError as exc:
         raise SourceError(f"--ref {ref!r} is neither a named reference nor a readable sample set: {exc}") from exc
     content_hash = source.content_hash()

@@ -5,10 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import lazyload
 
 from evalfarm.db import Job, JobState, Reference, ShardState
 from evalfarm.keys import JOB_EVAL, METRIC_ALIASES
+from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.records import Sessions, get_job, shards_of
+from evalfarm.scheduler.webhooks import callback_status
+
+MAX_LIMIT = 1000  #: the most rows one listing returns
 
 
 def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
@@ -23,16 +28,13 @@ def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
     running = max(1, sum(sh.state == ShardState.RUNNING for sh in shards))
     eta = (images_total - images_done) / rate / running if rate else None
     return {
-        "job_id": job.id,
-        "state": job.state.value,
-        "kind": job.kind,
+        **_summary(job),
         "shards_done": len(done),
         "shards_total": len(shards),
         "images_done": images_done,
         "images_total": images_total,
         "images_per_second_per_worker": rate,
         "eta_seconds": eta if job.state == JobState.RUNNING else None,
-        "error": job.error,
         "failures": [
             {"side": sh.side, "shard": sh.index, "attempts": sh.attempts, "error": sh.error} for sh in shards if sh.error
         ],
@@ -41,7 +43,39 @@ def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
             for sh in shards
         ],
         "result": job.result,
+        "callback": callback_status(sessions, job_id),
     }
+
+
+def _summary(job: Job | JobSnapshot) -> dict[str, Any]:
+    return {
+        "job_id": job.id,
+        "state": JobState(job.state).value,
+        "kind": job.kind,
+        "run": job.run,
+        "step": job.step,
+        "tags": job.tags or {},
+        "samples": job.samples_uri,
+        "reference": job.reference_uri,
+        "weights_sha256": job.weights_sha256,
+        "submitted_by": job.submitted_by,
+        "created_at": job.created_at,
+        "finished_at": job.finished_at,
+        "error": job.error,
+    }
+
+
+def list_jobs(
+    sessions: Sessions, *, run: str | None = None, state: JobState | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    """Jobs newest first, without their shards or results (`job_status` has those)."""
+    q = select(Job).order_by(Job.created_at.desc()).limit(min(limit, MAX_LIMIT))
+    if run:
+        q = q.where(Job.run == run)
+    if state:
+        q = q.where(Job.state == state)
+    with sessions() as s:
+        return [_summary(j) for j in s.scalars(q.options(lazyload(Job.shards), lazyload(Job.results)))]
 
 
 def query_results(
@@ -55,7 +89,7 @@ def query_results(
         else:
             q = q.order_by(Job.finished_at.desc())
         rows = []
-        for j in s.scalars(q.limit(limit)):
+        for j in s.scalars(q.limit(min(limit, MAX_LIMIT))):
             values = {r.name: r.value for r in j.results}
             if metric:
                 key = METRIC_ALIASES.get(metric, metric)

@@ -7,19 +7,32 @@ and a second reducer agree on one outcome: shards are keyed by (job, side, index
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, object_session, sessionmaker
 
 from evalfarm.config import EvalConfig
-from evalfarm.db import FINAL_STATES, Job, JobState, Reference, ReferenceBuild, Result, Shard, ShardState
+from evalfarm.db import (
+    FINAL_STATES,
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    Reference,
+    ReferenceBuild,
+    Result,
+    Shard,
+    ShardState,
+)
 from evalfarm.db.models import as_utc, utcnow
-from evalfarm.errors import JobError, WeightsError
+from evalfarm.errors import Conflict, JobError, JobNotFound, WeightsError
 from evalfarm.keys import JOB_EVAL
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan, SidePlan
@@ -28,42 +41,100 @@ from evalfarm.scheduler.references import NamedReference
 Sessions = sessionmaker[Session]
 
 
+@dataclass(frozen=True)
+class Submission:
+    """What a submitter asks for: everything that makes two requests the same request."""
+
+    samples: str
+    ref: str | None
+    config: EvalConfig
+    kind: str = JOB_EVAL
+    run: str | None = None
+    step: int | None = None
+    tags: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None
+    reference_name: str | None = None
+    callback_url: str | None = None
+
+    def digest(self) -> str:
+        """What an idempotency key stands for, with the defaults filled in: `{}` and the same fields spelled
+        out are one request, whether they came through the API or the CLI."""
+        body = {**asdict(self), "config": self.config.to_dict()}
+        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job_id: str
+    created: bool
+    """False when an earlier submit with the same idempotency key made the job."""
+
+
 def create_job(
     sessions: Sessions,
+    request: Submission,
     *,
-    samples: str,
-    ref: str | None,
-    config: EvalConfig,
-    weights_sha256: str | None,
     mode: str,
-    kind: str,
-    run: str | None = None,
-    step: int | None = None,
-    tags: dict[str, Any] | None = None,
-    reference_name: str | None = None,
-) -> str:
-    """Record a queued job; a request that cannot give the metrics it asks for is refused, with no row."""
-    if kind == JOB_EVAL and config.needs_reference and not ref:
+    submitted_by: str | None = None,
+    idempotency_key: str | None = None,
+) -> Submitted:
+    """Record a queued job; a request that cannot give the metrics it asks for is refused, with no row.
+
+    With an `idempotency_key`, the submitter's earlier job under that key is returned instead of a new one
+    (`created` False), if it was the same request; Conflict if it was another.
+    """
+    config = request.config
+    if request.kind == JOB_EVAL and config.needs_reference and not request.ref:
         raise JobError("FID and KID need a reference: pass --ref, or request --metrics is only.")
-    if kind == JOB_EVAL and not config.metrics:
+    if request.kind == JOB_EVAL and not config.metrics:
         raise JobError("no metrics requested.")
-    job_id = str(uuid.uuid4())
-    with sessions.begin() as s:
-        s.add(
-            Job(
-                id=job_id, state=JobState.QUEUED, mode=mode, kind=kind, samples_uri=samples, reference_uri=ref,
-                config=config.to_dict(), weights_sha256=weights_sha256, run=run, step=step, tags=tags or {},
-                plan=JobPlan(reference_name=reference_name).to_dict(), enqueued_at=utcnow(),
-            )
+    digest = request.digest() if idempotency_key is not None else None
+    for _ in range(3):  # two submits racing with one key: the unique constraint picks one, the other reads it
+        if idempotency_key is not None:
+            earlier = earlier_job(sessions, request, submitted_by, idempotency_key)
+            if earlier is not None:
+                return earlier
+        job_id = str(uuid.uuid4())
+        try:
+            with sessions.begin() as s:
+                s.add(
+                    Job(
+                        id=job_id, state=JobState.QUEUED, mode=mode, kind=request.kind, samples_uri=request.samples,
+                        reference_uri=request.ref, config=config.to_dict(), weights_sha256=request.weights_sha256,
+                        run=request.run, step=request.step, tags=request.tags,
+                        plan=JobPlan(reference_name=request.reference_name).to_dict(), enqueued_at=utcnow(),
+                        submitted_by=submitted_by, callback_url=request.callback_url,
+                        idempotency_key=idempotency_key, request_sha256=digest,
+                    )
+                )
+            return Submitted(job_id, created=True)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+    raise Conflict(f"idempotency key {idempotency_key!r} is being used by concurrent submits; retry")
+
+
+def earlier_job(sessions: Sessions, request: Submission, submitted_by: str | None, key: str) -> Submitted | None:
+    """The job an earlier submit of `request` under `key` made; None if there was none; Conflict if the key
+    was used for another request."""
+    with sessions() as s:
+        row = s.execute(
+            select(Job.id, Job.request_sha256).where(Job.submitted_by == submitted_by, Job.idempotency_key == key)
+        ).first()
+    if row is None:
+        return None
+    if row.request_sha256 != request.digest():
+        raise Conflict(
+            f"idempotency key {key!r} was used for another request (job {row.id}); use a new key for a new job"
         )
-    return job_id
+    return Submitted(row.id, created=False)
 
 
 def get_job(sessions: Sessions, job_id: str) -> JobSnapshot:
     with sessions() as s:
         job = s.get(Job, job_id)
         if job is None:
-            raise JobError(f"no job {job_id}")
+            raise JobNotFound(f"no job {job_id}")
         return JobSnapshot.of(job)
 
 
@@ -341,6 +412,7 @@ def _another_round(job: Job, problem: str, max_recomputes: int) -> JobPlan | Non
     if plan.recomputes + 1 > max_recomputes:
         job.state, job.finished_at = JobState.FAILED, utcnow()
         job.error = f"{problem} {max_recomputes} times; giving up"
+        _ended(object_session(job), job.id)
         return None
     job.state = JobState.RUNNING
     return plan.with_(recomputes=plan.recomputes + 1)
@@ -359,6 +431,7 @@ def finish_job(sessions: Sessions, job_id: str, values: dict[str, float], result
         for name, value in values.items():
             s.add(Result(job_id=job_id, name=name, value=value))
         job.result, job.state, job.finished_at = result, JobState.SUCCEEDED, utcnow()
+        _ended(s, job_id)
     return True, result
 
 
@@ -368,11 +441,23 @@ def fail_job(sessions: Sessions, job_id: str, error: str) -> bool:
 
 
 def _fail(s: Session, job_id: str, error: str) -> bool:
-    return s.execute(
+    failed = s.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
         .values(state=JobState.FAILED, error=error, finished_at=utcnow())
     ).rowcount == 1
+    if failed:
+        _ended(s, job_id)
+    return failed
+
+
+def _ended(s: Session, job_id: str) -> None:
+    """In the transaction that ends a job: its webhook, if it has one, is written to the outbox with the end
+    itself, so that no crash between the two can lose it (`scheduler.webhooks` sends it)."""
+    url = s.scalar(select(Job.callback_url).where(Job.id == job_id))
+    if url:
+        s.add(Delivery(id=str(uuid.uuid4()), job_id=job_id, url=url, state=DeliveryState.PENDING, attempts=0,
+                       next_at=utcnow()))
 
 
 def cancel_job(sessions: Sessions, job_id: str) -> bool:
@@ -382,6 +467,8 @@ def cancel_job(sessions: Sessions, job_id: str) -> bool:
             .where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
             .values(state=JobState.CANCELLED, finished_at=utcnow(), error="cancelled by user")
         ).rowcount
+        if changed:
+            _ended(s, job_id)
         s.execute(
             update(Shard)
             .where(Shard.job_id == job_id, Shard.state.in_((ShardState.PENDING, ShardState.RUNNING)))

@@ -15,7 +15,6 @@ import numpy as np
 
 from evalfarm.errors import EvalfarmError, ReferenceMismatchError, SourceError
 from evalfarm.metrics import FeatureStats
-from evalfarm.models import POOL3_DIM
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import reason
 
@@ -104,6 +103,8 @@ def load_stats_file(path: str, weights_sha256: str, resize: str) -> FeatureStats
             f"{path} is not a usable mu/sigma statistics file ({reason(exc)}); it must hold numeric arrays "
             "'mu' (2048,) and 'sigma' (2048, 2048), saved without pickling"
         ) from exc
+    from evalfarm.models import POOL3_DIM  # here, not at the top: the API reads references without torch
+
     if mu.shape != (POOL3_DIM,) or sigma.shape != (POOL3_DIM, POOL3_DIM):
         raise ReferenceMismatchError(
             f"{path} holds statistics of shape mu{mu.shape}, sigma{sigma.shape}; FID-Inception pool3 statistics "

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from evalfarm import keys
@@ -22,7 +21,7 @@ from evalfarm.metrics import FeatureStats, split_assignment
 from evalfarm.models import FeatureExtractor
 from evalfarm.models.weights import CANONICAL_SHA256_PREFIX
 from evalfarm.pipeline import compute_metrics, featurize_range, kid_subset_size, merge_in_order
-from evalfarm.scheduler import deadlines, records
+from evalfarm.scheduler import records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.job import FARM, JobSnapshot
 from evalfarm.scheduler.lease import Lease
@@ -45,7 +44,8 @@ from evalfarm.scheduler.references import (
     reference_key,
     store_reference,
 )
-from evalfarm.sources import Source, open_source
+from evalfarm.scheduler.tokens import LOCAL_SUBMITTER
+from evalfarm.sources import SampleRoots, Source, open_source
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,12 @@ def _plan(ctx: Context, job_id: str, weights_sha256: str) -> list[tuple[str, int
             f"{weights_sha256[:12]}…; point EVALFARM_WEIGHTS on the workers at that file, or submit without the pin."
         )
     config = job.config
-    samples = plan_samples(job.samples_uri, config)
+    roots = read_policy(ctx, job)
+    samples = plan_samples(job.samples_uri, config, roots)
     reference = None
     if not job.is_reference_job and job.reference_uri and config.needs_reference:
         named = records.named_reference(ctx.sessions, job.reference_uri)
-        reference = plan_reference(job.reference_uri, config, ctx.store, weights_sha256, named)
+        reference = plan_reference(job.reference_uri, config, ctx.store, weights_sha256, named, roots)
     check_sizes(config, samples, reference)
     if reference is not None and reference.how is SideSource.SHARDS and config.cache and job.mode == FARM:
         builder = records.claim_reference_build(ctx.sessions, reference.store_key, job_id)
@@ -103,12 +104,24 @@ def _plan(ctx: Context, job_id: str, weights_sha256: str) -> list[tuple[str, int
     return records.record_plan(ctx.sessions, job_id, job.plan.with_(sides=sides), weights_sha256)
 
 
+def read_policy(ctx: Context, job: JobSnapshot) -> SampleRoots:
+    """What this job's steps may read: the context's roots (EVALFARM_SAMPLE_ROOTS, or everything on the
+    user's own machine). A farm worker without roots trusts what came straight through the database, but not
+    a job submitted through the API with a token: that one it refuses, naming the variable, rather than read
+    what the API would have been asked to guard."""
+    if ctx.roots is not None:
+        return ctx.roots
+    if job.submitted_by is None or job.submitted_by.startswith(LOCAL_SUBMITTER):
+        return SampleRoots.unrestricted()
+    return SampleRoots.parse(())
+
+
 # -- shards --------------------------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=8)
-def _open_cached(uri: str) -> Source:
-    return open_source(uri)
+def _open_cached(uri: str, roots: SampleRoots) -> Source:
+    return open_source(uri, roots=roots)
 
 
 def run_shard(
@@ -140,7 +153,7 @@ def run_shard(
     job = claim.job
     side_plan = job.plan.side(side)  # its uri is the resolved one (a named reference's images, not its name)
     uri, n_side = side_plan.uri, side_plan.n
-    source = _open_cached(uri)
+    source = _open_cached(uri, read_policy(ctx, job))
     if len(source) != n_side:
         raise SourceError(f"{uri} changed since the job was planned: it had {n_side} images, now {len(source)}.")
     config, split_ids = job.config, None
@@ -238,6 +251,7 @@ def _reduce(ctx: Context, job: JobSnapshot) -> ReduceOutcome:
                 return ReduceOutcome(recompute=tuple(_featurize_instead(ctx, job, side, plan, problem)))
             sides[side] = stored
         else:
+            read_policy(ctx, job).check(plan.uri, "ref")
             sides[side] = load_stats_file(plan.uri, job.weights_sha256, job.config.resize)
     if lost:
         return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, lost, MAX_RECOMPUTES)))
@@ -267,7 +281,7 @@ def _featurize_instead(ctx: Context, job: JobSnapshot, side: str, plan: SidePlan
     images the statistics were made from."""
     log.warning("job %s: %s; featurizing %s again", job.id, problem, plan.uri)
     try:
-        source = open_source(plan.uri)
+        source = open_source(plan.uri, roots=read_policy(ctx, job))
         unchanged = source.content_hash() == plan.content_hash
     except SourceError:
         unchanged = False
@@ -346,29 +360,3 @@ def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Sha
         "metric_keys": [k for k in keys.METRIC_KEYS if k in values],
         **({"warnings": list(job.plan.notes)} if job.plan.notes else {}),
     }
-
-
-# -- ends ----------------------------------------------------------------------------------------------------------
-
-
-def fail_job(ctx: Context, job_id: str, error: str) -> None:
-    records.fail_job(ctx.sessions, job_id, error)
-    ctx.partials.drop(job_id)
-
-
-def sweep(ctx: Context, *, retention_s: float) -> set[str]:
-    """The janitor: remove partials and store files of jobs that ended over `retention_s` ago. Ending a job
-    already removes its own; this catches what a crash or a race left behind."""
-    cutoff = datetime.now(timezone.utc) - timedelta(seconds=retention_s)
-    swept = deadlines.ended_before(ctx.sessions, ctx.partials.job_ids(), cutoff)
-    for job_id in swept:
-        ctx.partials.drop(job_id)
-    return swept
-
-
-def cancel_job(ctx: Context, job_id: str) -> bool:
-    """Cooperative: queued shards are skipped when they start, running ones stop at their next batch."""
-    changed = records.cancel_job(ctx.sessions, job_id)
-    ctx.partials.drop(job_id)
-    return changed
-

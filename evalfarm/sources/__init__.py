@@ -12,11 +12,13 @@ from evalfarm.sources.archive import TarSource, ZipSource
 from evalfarm.sources.arrays import ArraySource
 from evalfarm.sources.base import IMAGE_EXTENSIONS, Source, is_url, reason, url_to_fs
 from evalfarm.sources.folder import FolderSource
+from evalfarm.sources.roots import SampleRoots
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ArraySource",
     "FolderSource",
+    "SampleRoots",
     "Source",
     "TarSource",
     "ZipSource",
@@ -32,19 +34,22 @@ ACCEPTED_KINDS = (
 )
 
 
-def open_source(uri: str, *, recursive: bool = True) -> Source:
+def open_source(uri: str, *, recursive: bool = True, roots: SampleRoots | None = None) -> Source:
     """Open a sample set by its kind; fails early, naming the path, on anything it could not evaluate.
 
     `uri` is a local path or an fsspec URL (`s3://`, `gs://`, `memory://`, `file://` ...). `recursive` only
-    applies to folders. An empty set is an error here rather than a metric computed on nothing.
+    applies to folders. An empty set is an error here rather than a metric computed on nothing. With
+    `roots`, nothing outside them is read: NotAllowed before the first access (see `sources.roots`).
     """
-    source = _construct(uri, recursive)
+    if roots is not None:
+        roots.check(uri)
+    source = _construct(uri, recursive, roots)
     if len(source) == 0:
         raise SourceError(source.describe_empty())
     return source
 
 
-def _construct(uri: str, recursive: bool) -> Source:
+def _construct(uri: str, recursive: bool, roots: SampleRoots | None) -> Source:
     if is_url(uri):
         fs, path = url_to_fs(uri)
         try:
@@ -58,7 +63,7 @@ def _construct(uri: str, recursive: bool) -> Source:
     if not exists:
         raise SourceError(f"{uri} does not exist; expected {ACCEPTED_KINDS}")
     if is_dir:
-        return FolderSource(uri, recursive=recursive)
+        return FolderSource(uri, recursive=recursive, roots=roots)
     name = uri.lower().rstrip("/")
     if name.endswith(_ARRAY_SUFFIXES):
         return ArraySource(uri)

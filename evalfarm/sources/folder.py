@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from evalfarm.errors import SourceError
+from evalfarm.errors import NotAllowed, SourceError
 from evalfarm.sources.base import (
     IMAGE_EXTENSIONS,
     Source,
@@ -21,6 +21,7 @@ from evalfarm.sources.base import (
     sha256_stream,
     url_to_fs,
 )
+from evalfarm.sources.roots import ROOTS_VARIABLE, SampleRoots
 
 
 class FolderSource(Source):
@@ -29,14 +30,16 @@ class FolderSource(Source):
     The order matters because IS splits and KID subsets are drawn by position. Dot-files and dot-folders are
     skipped (`.ipynb_checkpoints` copies would count twice). Symlinked folders are not followed (no loops,
     and torch-fidelity does not follow them either); symlinked files are read. Remote folders (fsspec URLs)
-    have no real path, so they are sorted by path.
+    have no real path, so they are sorted by path. With `roots`, a symlinked file that resolves outside them
+    is refused before anything is read: a folder inside a root must not be a window onto the rest of the disk.
     """
 
     _handle_attrs = ("_fs",)
 
-    def __init__(self, uri: str, recursive: bool = True) -> None:
+    def __init__(self, uri: str, recursive: bool = True, roots: SampleRoots | None = None) -> None:
         super().__init__(uri)
         self.recursive = recursive
+        self._roots = roots
         self._remote = is_url(uri)
         self._root = uri if self._remote else os.path.expanduser(uri)
         paths, relnames = self._list_remote() if self._remote else self._list_local()
@@ -57,7 +60,9 @@ class FolderSource(Source):
             for name in filenames:
                 if not name.startswith(".") and has_image_extension(name):
                     path = os.path.join(dirpath, name)
-                    found.append((os.path.realpath(path), path))
+                    real = os.path.realpath(path)
+                    self._check_local(path, real)
+                    found.append((real, path))
             if not self.recursive:
                 break
         found.sort()
@@ -79,11 +84,31 @@ class FolderSource(Source):
             raise SourceError(f"cannot list {self.uri}: {reason(exc)}") from exc
         paths, relnames = [], []
         for path in sorted(found):
+            if self._roots is not None and not self._roots.allows(fs.unstrip_protocol(path)):
+                raise NotAllowed(  # an http listing, say, may link to another host
+                    f"{self.uri} lists {fs.unstrip_protocol(path)}, outside the sample roots of this farm "
+                    f"({ROOTS_VARIABLE}); refusing to read it"
+                )
             rel = path[len(root) :].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
             if not is_hidden(rel) and has_image_extension(rel):
                 paths.append(path)
                 relnames.append(rel)
         return paths, relnames
+
+    def _check_local(self, path: str, real: str) -> None:
+        if self._roots is not None and not self._roots.allows_file(real):
+            raise NotAllowed(
+                f"{path} links to a file outside the sample roots of this farm ({ROOTS_VARIABLE}); refusing to read it"
+            )
+
+    def _local_path(self, path: str) -> str:
+        """The file to open: with roots, its real path checked again now (a link swapped in after the listing
+        is refused), and opened as resolved."""
+        if self._roots is None:
+            return path
+        real = os.path.realpath(path)
+        self._check_local(path, real)
+        return real
 
     def _filesystem(self) -> Any:
         self._in_this_process()
@@ -101,7 +126,7 @@ class FolderSource(Source):
     def load(self, index: int) -> np.ndarray:
         path = self._paths[self._check_index(index)]
         if not self._remote:
-            return decode_image(path, path)
+            return decode_image(self._local_path(path), path)
         name = self.name_of(index)
         try:
             data = self._filesystem().cat_file(path)
@@ -113,12 +138,13 @@ class FolderSource(Source):
         """Relative names plus per-file hashes: independent of where the folder is, sensitive to renames."""
         digest = hashlib.sha256()
         for i, (path, rel) in enumerate(zip(self._paths, self._relnames, strict=True)):
+            target = path if self._remote else self._local_path(path)
             try:
                 if self._remote:
-                    with self._filesystem().open(path, "rb") as fp:
+                    with self._filesystem().open(target, "rb") as fp:
                         file_hash = sha256_stream(fp)
                 else:
-                    with open(path, "rb") as fp:
+                    with open(target, "rb") as fp:
                         file_hash = sha256_stream(fp)
             except Exception as exc:
                 raise SourceError(f"cannot read image {self.name_of(i)}: {reason(exc)}") from exc

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 from celery import Celery
 
-from evalfarm.settings import get_settings
+from evalfarm.settings import Settings, get_settings
 
 GPU_QUEUE, CPU_QUEUE = "gpu", "cpu"
 PLAN_TASK, SHARD_TASK, REDUCE_TASK = "evalfarm.plan_job", "evalfarm.featurize_shard", "evalfarm.reduce_job"
+DELIVER_TASK = "evalfarm.deliver_webhook"  #: on the cpu queue (the default): a slow receiver holds no GPU
 SHARD_TIME_LIMIT_S = 2 * 3600  #: hard limit of one shard; size shards to take minutes
 VISIBILITY_TIMEOUT_S = 3 * SHARD_TIME_LIMIT_S  #: must exceed the time limit (see module docstring)
 
 
-def make_app() -> Celery:
-    settings = get_settings()
+def make_app(settings: Settings | None = None) -> Celery:
+    """The farm's Celery app on the broker of `settings` (by default, the environment's)."""
+    settings = settings or get_settings()
     app = Celery("evalfarm", broker=settings.redis_url, include=["evalfarm.workers.tasks", "evalfarm.workers.reconciler"])
     transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     app.conf.update(

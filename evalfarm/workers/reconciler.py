@@ -4,8 +4,9 @@ One worker at a time runs a pass (a Redis lock that expires with the pass). Ever
 (`scheduler.deadlines.find_lost_work`): a shard, planner or reducer that stopped heart-beating (killed,
 machine lost), which Celery alone would redeliver only after the visibility timeout; and a message sent
 long ago that no worker started. A restarted or flushed broker is seen by the epoch key vanishing: its
-queued messages are gone, so every unfinished step of every live job is sent again. The same pass runs the
-janitor, which removes what ended jobs left in Redis and the feature store.
+queued messages are gone, so every unfinished step of every live job is sent again. The same pass sends
+webhooks whose attempt is overdue, and runs the janitor, which removes what ended jobs left in Redis and
+the feature store. Every worker, lock or not, announces the weights it holds (`workers.registry`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import time
 import redis
 from celery import signals
 
-from evalfarm.scheduler import deadlines, steps
+from evalfarm.errors import EvalfarmError
+from evalfarm.scheduler import deadlines, ends, webhooks
 from evalfarm.scheduler.context import Context
 from evalfarm.settings import Settings, get_settings
-from evalfarm.workers import runtime
-from evalfarm.workers.tasks import featurize_shard, plan_job_task, reduce_job_task
+from evalfarm.workers import registry, runtime
+from evalfarm.workers.tasks import deliver_webhook, featurize_shard, plan_job_task, reduce_job_task
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,29 @@ def reconcile(ctx: Context, client: redis.Redis, settings: Settings) -> deadline
         plan_job_task.delay(job_id)
     for job_id in lost.reducing:
         reduce_job_task.delay(job_id)
-    steps.sweep(ctx, retention_s=settings.retention_s)
+    for delivery_id in webhooks.overdue(ctx.sessions, grace_s=settings.lease_s):
+        deliver_webhook.delay(delivery_id)
+    ends.sweep(ctx, retention_s=settings.retention_s)
     return lost
+
+
+def _announce(client: redis.Redis, settings: Settings) -> None:
+    try:
+        sha = runtime.weights().sha256
+    except EvalfarmError as exc:
+        log.warning("this worker has no usable weights: %s", exc)
+        return
+    registry.announce(client, sha, runtime.worker_name(), ttl_s=int(max(60.0, 4 * settings.reconcile_s)))
 
 
 def _loop() -> None:
     settings = get_settings()
     client = redis.Redis.from_url(settings.redis_url)
     while True:
+        try:
+            _announce(client, settings)
+        except Exception:
+            log.warning("announcing this worker's weights failed", exc_info=True)
         time.sleep(settings.reconcile_s)
         try:
             if client.set(LOCK_KEY, runtime.worker_name(), nx=True, px=int(settings.reconcile_s * 1000)):

@@ -13,10 +13,11 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 
 from evalfarm.errors import EvalfarmError, JobCancelled
-from evalfarm.scheduler import records, steps
+from evalfarm.scheduler import ends, records, steps, webhooks
 from evalfarm.settings import get_settings
 from evalfarm.workers import runtime
-from evalfarm.workers.app import PLAN_TASK, REDUCE_TASK, SHARD_TASK, app
+from evalfarm.workers.app import DELIVER_TASK, PLAN_TASK, REDUCE_TASK, SHARD_TASK, app
+from evalfarm.workers.outages import is_outage
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,6 @@ MAX_BACKOFF_S = 30
 REFERENCE_WAIT_S = 3  #: how often a reduce waiting for another job's reference looks again
 
 Failure = Callable[..., None]  #: failure(*task_args, message=..., final=...)
-
-
-def is_outage(exc: BaseException) -> bool:
-    """The database or the broker could not be reached: the job is not at fault, and must not fail for it."""
-    import kombu.exceptions
-    import redis.exceptions
-    import sqlalchemy.exc
-
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
-    return isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
-                      | kombu.exceptions.OperationalError | ConnectionError)
 
 
 def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callable[..., None]], Any]:
@@ -52,7 +41,8 @@ def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callabl
     - anything else is retried with exponential backoff, and fails the job after MAX_RETRIES.
 
     `on_failure` records an attempt (final=False) or the end (final=True); `what` names the step in messages.
-    Recording needs the database too: when that fails, the task retries rather than lose the step.
+    Recording needs the database too: when that fails, the task retries rather than lose the step. A final
+    failure ends the job (`args[0]`): its webhook is sent after it.
     """
 
     def decorate(step: Callable[..., None]) -> Any:
@@ -86,6 +76,7 @@ def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callabl
                 raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2**retries)) from exc
             if not final:
                 raise self.retry(countdown=min(MAX_BACKOFF_S, 2**retries))
+            send_deliveries(args[0])
 
         task.__doc__ = step.__doc__
         return task
@@ -95,12 +86,12 @@ def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callabl
 
 def _fail_job(job_id: str, *, message: str, final: bool) -> None:
     if final:
-        steps.fail_job(runtime.context(), job_id, message)
+        ends.fail_job(runtime.context(), job_id, message)
 
 
 def _fail_planning(job_id: str, *, message: str, final: bool) -> None:
     if final:
-        steps.fail_job(runtime.context(), job_id, message)
+        ends.fail_job(runtime.context(), job_id, message)
     else:  # the retry must find the job queued, or it would take it for planned already
         records.release_planning(runtime.context().sessions, job_id)
 
@@ -137,7 +128,33 @@ def featurize_shard(job_id: str, side: str, index: int) -> None:
 def reduce_job_task(job_id: str) -> None:
     """Merge and record; shards whose partials were lost are enqueued again, and they reduce again after."""
     outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=get_settings().heartbeat_s)
+    send_deliveries(job_id)  # succeeded, or failed for good after too many rounds of lost partials
     for side, index in outcome.recompute:
         featurize_shard.delay(job_id, side, index)
     if outcome.wait:
         reduce_job_task.apply_async((job_id,), countdown=REFERENCE_WAIT_S)
+
+
+def send_deliveries(job_id: str) -> None:
+    """Send the webhook of a job that just ended, if it has one. Should this fail (an outage), the reconciler
+    finds the delivery overdue and sends it: the row was written with the job's end."""
+    try:
+        for delivery_id in webhooks.due(runtime.context().sessions, job_id):
+            deliver_webhook.delay(delivery_id)
+    except Exception as exc:  # noqa: BLE001 - never let a notification fail the step that ended the job
+        log.warning("job %s: webhook not sent now (%s); the reconciler will send it", job_id, type(exc).__name__)
+
+
+@app.task(name=DELIVER_TASK, bind=True, max_retries=None)
+def deliver_webhook(self, delivery_id: str) -> None:  # noqa: ANN001
+    """One attempt at a webhook; the next, if any, is this task again after the backoff."""
+    settings = get_settings()
+    try:
+        wait = webhooks.deliver(runtime.context().sessions, delivery_id, secret=settings.webhook_secret,
+                                hosts=settings.callback_hosts)
+    except Exception as exc:
+        if not is_outage(exc) or self.request.retries >= MAX_OUTAGE_RETRIES:
+            raise  # the delivery stays pending: the reconciler sends it again once it is overdue
+        raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2**self.request.retries)) from exc
+    if wait is not None:
+        self.apply_async((delivery_id,), countdown=wait)
