@@ -420,7 +420,7 @@ def api_cmd(host: str, port: int, workers: int, log_level: str) -> None:
     Every route but /health needs a token (`evalfarm token create`); submitted paths must lie inside
     EVALFARM_SAMPLE_ROOTS, and webhooks go only to EVALFARM_CALLBACK_HOSTS.
     """
-    import uvicorn
+    from evalfarm.api.serve import serve
 
     settings = get_settings()
     if not settings.database_url:
@@ -428,8 +428,7 @@ def api_cmd(host: str, port: int, workers: int, log_level: str) -> None:
     if not settings.sample_roots:
         click.echo("warning: EVALFARM_SAMPLE_ROOTS is not set: every submission of a path will be refused",
                    err=True)
-    uvicorn.run("evalfarm.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level)
+    serve(host, port, workers=workers, log_level=log_level)
 
 
 @main.group("token")

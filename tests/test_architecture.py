@@ -116,3 +116,14 @@ def test_no_job_or_shard_state_is_spelled_as_a_string_outside_db() -> None:
                     if isinstance(side, ast.Constant) and side.value in states:
                         spelled.append(f"{path.name}:{node.lineno}")
     assert spelled == []
+
+
+def test_the_api_processes_share_a_socket_made_as_tcp() -> None:
+    """asyncio sets TCP_NODELAY only on sockets made with IPPROTO_TCP; without it, every keep-alive answer of
+    a multi-process API waited for a delayed ACK (see `evalfarm.api.serve`)."""
+    import socket
+
+    from evalfarm.api.serve import listening_socket
+
+    with listening_socket("127.0.0.1", 0) as sock:
+        assert (sock.family, sock.type, sock.proto) == (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
