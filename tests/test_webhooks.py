@@ -203,6 +203,6 @@ def test_a_receiver_that_does_not_speak_http_is_a_failed_attempt(sessions):
 
 
 def test_the_status_shows_the_callback_without_its_query(sessions):
-    job_id = ended_job(sessions, "http://127.0.0.1:1/hook?token=receiver-secret")
-    shown = webhooks.callback_status(sessions, job_id)
+    url = "http://127.0.0.1:1/hook?token=receiver-secret"
+    shown = webhooks.callback_status(sessions, ended_job(sessions, url), url)
     assert shown["url"] == "http://127.0.0.1:1/hook" and shown["state"] == "pending"

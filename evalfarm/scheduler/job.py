@@ -37,6 +37,7 @@ class JobSnapshot:
     created_at: datetime | None
     finished_at: datetime | None
     submitted_by: str | None = None
+    callback_url: str | None = None
 
     @classmethod
     def of(cls, job: Job) -> JobSnapshot:
@@ -46,7 +47,7 @@ class JobSnapshot:
             weights_sha256=job.weights_sha256, samples_hash=job.samples_hash, reference_hash=job.reference_hash,
             n_samples=job.n_samples, n_reference=job.n_reference, run=job.run, step=job.step, tags=job.tags or {},
             error=job.error, result=job.result, created_at=job.created_at, finished_at=job.finished_at,
-            submitted_by=job.submitted_by,
+            submitted_by=job.submitted_by, callback_url=job.callback_url,
         )
 
     @property

@@ -43,7 +43,7 @@ def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
             for sh in shards
         ],
         "result": job.result,
-        "callback": callback_status(sessions, job_id),
+        "callback": callback_status(sessions, job_id, job.callback_url),
     }
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, object_session, sessionmaker
+from sqlalchemy.orm import Session, lazyload, object_session, sessionmaker
 
 from evalfarm.config import EvalConfig
 from evalfarm.db import (
@@ -131,8 +131,8 @@ def earlier_job(sessions: Sessions, request: Submission, submitted_by: str | Non
 
 
 def get_job(sessions: Sessions, job_id: str) -> JobSnapshot:
-    with sessions() as s:
-        job = s.get(Job, job_id)
+    with sessions() as s:  # the row alone: a snapshot holds neither shards nor results
+        job = s.get(Job, job_id, options=[lazyload(Job.shards), lazyload(Job.results)])
         if job is None:
             raise JobNotFound(f"no job {job_id}")
         return JobSnapshot.of(job)

@@ -165,19 +165,18 @@ def record_attempt(
     return wait
 
 
-def callback_status(sessions: Sessions, job_id: str) -> dict[str, Any] | None:
+def callback_status(sessions: Sessions, job_id: str, callback_url: str | None) -> dict[str, Any] | None:
     """What a job's status shows of its webhook: None without a callback URL. Every reader sees the status,
     so the URL is shown without its query, where receivers tend to keep a secret of their own."""
+    if not callback_url:
+        return None
+    url = urlunsplit(urlsplit(callback_url)._replace(query="", fragment=""))
     with sessions() as s:
-        stored = s.scalar(select(Job.callback_url).where(Job.id == job_id))
-        if not stored:
-            return None
-        url = urlunsplit(urlsplit(stored)._replace(query="", fragment=""))
         d = s.scalar(select(Delivery).where(Delivery.job_id == job_id))
-        if d is None:
-            return {"url": url, "state": "awaiting the job's end", "attempts": 0, "last_status": None}
-        return {"url": url, "state": d.state.value, "attempts": d.attempts, "last_status": d.last_status,
-                "last_error": d.last_error, "delivery_id": d.id}
+    if d is None:
+        return {"url": url, "state": "awaiting the job's end", "attempts": 0, "last_status": None}
+    return {"url": url, "state": d.state.value, "attempts": d.attempts, "last_status": d.last_status,
+            "last_error": d.last_error, "delivery_id": d.id}
 
 
 # -- the attempt -----------------------------------------------------------------------------------------------------
