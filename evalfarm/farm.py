@@ -40,7 +40,7 @@ def local_submitter() -> str:
     try:
         return f"{LOCAL_SUBMITTER}{getpass.getuser()}"
     except Exception:  # noqa: BLE001 - no user name in a bare container
-        return LOCAL_SUBMITTER.rstrip(":")
+        return f"{LOCAL_SUBMITTER}unknown"
 
 
 class Farm:

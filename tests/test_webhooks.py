@@ -206,3 +206,32 @@ def test_the_status_shows_the_callback_without_its_query(sessions):
     url = "http://127.0.0.1:1/hook?token=receiver-secret"
     shown = webhooks.callback_status(sessions, ended_job(sessions, url), url)
     assert shown["url"] == "http://127.0.0.1:1/hook" and shown["state"] == "pending"
+
+
+def test_a_receiver_that_trickles_its_answer_is_given_up_on_after_the_attempt_timeout(sessions, monkeypatch):
+    import socket
+    import threading
+    import time
+
+    monkeypatch.setattr(webhooks, "ATTEMPT_TIMEOUT_S", 1.0)
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def trickle() -> None:  # one byte of a status line every 0.3 s: no single read ever times out
+        conn, _ = server.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\n" * 10:
+            if stop.wait(0.3):
+                break
+            conn.send(bytes([byte]))
+        conn.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    job_id = ended_job(sessions, f"http://127.0.0.1:{server.getsockname()[1]}/hook")
+    (delivery_id,) = webhooks.due(sessions, job_id)
+    t0 = time.monotonic()
+    webhooks.deliver(sessions, delivery_id, secret=SECRET, hosts=["127.0.0.1:*"])
+    assert time.monotonic() - t0 < 5
+    stop.set()
+    server.close()
+    assert "no complete answer within 1 s" in delivery_of(sessions, job_id).last_error

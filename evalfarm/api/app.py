@@ -2,7 +2,10 @@
 
     uvicorn --factory evalfarm.api.app:create_app      (or `evalfarm api --host H --port P`)
 
-Every route but `/health` needs a bearer token (`api.auth`). What the farm may read is `EVALFARM_SAMPLE_ROOTS`
+Every route that reads or changes the farm's data (`/v1/...`) needs a bearer token (`api.auth`); `/health`
+and the API's own description (`/openapi.json`, `/docs`, `/redoc` and their assets) need none: they hold
+no data, and a browser opening `/docs` cannot send a token before it has the page. What the farm may read
+is `EVALFARM_SAMPLE_ROOTS`
 and nothing else: with it unset, no path is accepted (the CLI's embedded `eval`, on the user's own machine,
 is not bound by it). Errors are JSON `{"detail": ...}`: 401/403 for who, 403 for what may be read, 404 for
 an unknown job, 409 for a conflict, 413 for a body over the bound, 422 for a field (named), 503 while the

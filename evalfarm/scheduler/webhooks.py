@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import http.client
 import json
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
@@ -193,7 +194,18 @@ _OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 def post(attempt: Attempt, secret: str) -> tuple[int | None, str | None]:
-    """POST the signed body; (HTTP status, None) or (status or None, what went wrong)."""
+    """POST the signed body; (HTTP status, None) or (status or None, what went wrong). The whole attempt
+    has ATTEMPT_TIMEOUT_S: a receiver that trickles its answer holds no worker longer (urllib's timeout
+    counts per socket operation, so the attempt runs in a thread that is given up on)."""
+    outcome: list[tuple[int | None, str | None]] = []
+    thread = threading.Thread(target=lambda: outcome.append(_post(attempt, secret)), daemon=True,
+                              name=f"webhook-{attempt.delivery_id}")
+    thread.start()
+    thread.join(ATTEMPT_TIMEOUT_S + 1)
+    return outcome[0] if outcome else (None, f"no complete answer within {ATTEMPT_TIMEOUT_S:.0f} s")
+
+
+def _post(attempt: Attempt, secret: str) -> tuple[int | None, str | None]:
     request = urllib.request.Request(attempt.url, data=attempt.body, method="POST", headers={
         "Content-Type": "application/json",
         "User-Agent": "evalfarm-webhook",
