@@ -12,9 +12,13 @@ from typing import Any
 from evalfarm._version import __version__
 from evalfarm.config import EvalConfig
 from evalfarm.errors import (
+    Conflict,
     EvalfarmError,
+    InvalidField,
     JobError,
+    JobNotFound,
     MetricInputError,
+    NotAllowed,
     ReferenceMismatchError,
     SourceError,
     WeightsError,
@@ -50,10 +54,14 @@ __all__ = [
     "KEY_IS_STD",
     "KEY_KID_MEAN",
     "KEY_KID_STD",
+    "Conflict",
     "EvalConfig",
     "EvalfarmError",
+    "InvalidField",
     "JobError",
+    "JobNotFound",
     "MetricInputError",
+    "NotAllowed",
     "ReferenceMismatchError",
     "Settings",
     "SourceError",

@@ -428,6 +428,15 @@ def api_cmd(host: str, port: int, workers: int, log_level: str) -> None:
     if not settings.sample_roots:
         click.echo("warning: EVALFARM_SAMPLE_ROOTS is not set: every submission of a path will be refused",
                    err=True)
+    from evalfarm.workers.outages import is_outage
+
+    try:  # here, once: a clear line rather than each server process's traceback, and the schema up to date
+        _farm_sessions()
+    except Exception as exc:
+        if not is_outage(exc):
+            raise
+        raise EvalfarmError(f"cannot reach the farm's database (EVALFARM_DATABASE_URL): "
+                            f"{str(exc).splitlines()[0][:300]}") from exc
     serve(host, port, workers=workers, log_level=log_level)
 
 
@@ -436,7 +445,8 @@ def token_group() -> None:
     """API tokens (stored as hashes in the farm's database, EVALFARM_DATABASE_URL)."""
 
 
-def _token_sessions() -> Any:
+def _farm_sessions() -> Any:
+    """Sessions on the farm's database (migrated to the latest schema), for the commands that need it."""
     from evalfarm.db import session_factory
 
     settings = get_settings()
@@ -453,7 +463,7 @@ def token_create(name: str, scopes: str) -> None:
     """Create a token; prints it as the last line (it is shown only this once)."""
     from evalfarm.scheduler.tokens import create_token, parse_scopes
 
-    token = create_token(_token_sessions(), name, parse_scopes(scopes))
+    token = create_token(_farm_sessions(), name, parse_scopes(scopes))
     click.echo(f"token {name} ({scopes}); keep it secret, it is not shown again:", err=True)
     click.echo(token)
 
@@ -464,7 +474,7 @@ def token_list() -> None:
     """Tokens by name, with scopes and when they were created, last used and revoked."""
     from evalfarm.scheduler.tokens import list_tokens
 
-    for t in list_tokens(_token_sessions()):
+    for t in list_tokens(_farm_sessions()):
         when = {k: (t[k].isoformat(timespec="seconds") if t[k] else "-") for k in ("created_at", "last_used_at")}
         state = f"revoked {t['revoked_at'].isoformat(timespec='seconds')}" if t["revoked_at"] else "active"
         click.echo(f"{t['name']}\t{t['scopes']}\t{state}\tcreated {when['created_at']}\tlast used {when['last_used_at']}")
@@ -477,7 +487,7 @@ def token_revoke(name: str) -> None:
     """Revoke a token: its requests are refused from now on."""
     from evalfarm.scheduler.tokens import revoke_token
 
-    if not revoke_token(_token_sessions(), name):
+    if not revoke_token(_farm_sessions(), name):
         raise EvalfarmError(f"no active token named {name!r}")
     click.echo(f"token {name} revoked")
 

@@ -35,12 +35,12 @@ class ApiError(EvalfarmError):
     """The API refused the request; `status` is the HTTP status, the message its detail."""
 
     def __init__(self, status: int, detail: str) -> None:
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else detail)
         self.status, self.detail = status, detail
 
 
 class Unreachable(ApiError):
-    """No answer at all: the API is down, restarting, or not at this URL."""
+    """No answer at all (`status` 0): the API is down, restarting, or not at this URL."""
 
 
 class Unavailable(ApiError):
@@ -69,6 +69,8 @@ class Client:
         self.url = (url or settings.api_url or "").rstrip("/")
         if not self.url:
             raise EvalfarmError("no API URL: pass Client(url=...) or set EVALFARM_API_URL (e.g. http://farm:8080)")
+        if not self.url.startswith(("http://", "https://")):
+            raise EvalfarmError(f"the API URL {self.url!r} must start with http:// or https:// (EVALFARM_API_URL)")
         self.token = token or settings.api_token
         self.timeout = timeout
 
@@ -86,9 +88,12 @@ class Client:
         weights_sha256: str | None = None,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        **config_fields: Any,
     ) -> str:
-        """Submit a job and return its id; with `idempotency_key`, a retried submit returns the same id."""
-        body: dict[str, Any] = {"samples": samples, **_config_fields(config or EvalConfig())}
+        """Submit a job and return its id; with `idempotency_key`, a retried submit returns the same id.
+        `config_fields` are `EvalConfig` fields (`metrics`, `splits`, `kid_subset_size`, ...), as for
+        `evalfarm.evaluate`."""
+        body: dict[str, Any] = {"samples": samples, **_config_fields((config or EvalConfig()).with_(**config_fields))}
         optional = {"ref": ref, "run": run, "step": step, "tags": tags, "weights_sha256": weights_sha256,
                     "idempotency_key": idempotency_key, "callback_url": callback_url}
         body.update({k: v for k, v in optional.items() if v is not None})
@@ -137,7 +142,10 @@ class Client:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
-            raise _ERRORS.get(exc.code, ApiError)(exc.code, _detail(exc.read())) from None
+            detail = _detail(exc.read())
+            if exc.code == 401 and not self.token:
+                detail += " (this client sent none: set EVALFARM_API_TOKEN, or pass Client(token=...))"
+            raise _ERRORS.get(exc.code, ApiError)(exc.code, detail) from None
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, not HTTP
             reason = getattr(exc, "reason", exc)
             raise Unreachable(0, f"no answer from {self.url}: {reason}") from None

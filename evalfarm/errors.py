@@ -39,9 +39,9 @@ class NotAllowed(EvalfarmError):
 class InvalidField(EvalfarmError):
     """A field of a request the farm cannot accept, named (the API answers 422 with it)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, *, where: str = "body") -> None:
         super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        self.field, self.message, self.where = field, message, where
 
 
 class Conflict(EvalfarmError):

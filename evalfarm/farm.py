@@ -55,16 +55,17 @@ class Farm:
     def _celery(self) -> Any:
         return make_app(self.settings)  # this farm's broker, not whatever the environment names
 
-    def _send(self, task: str, *args: str) -> None:
-        """Send a step by name (the submitting side loads no task code). The row is committed already: should
-        the broker be down, the reconciler sends the step once its deadline passes, so the caller is not told
-        to retry what it did."""
+    def _send(self, task: str, *args: str) -> bool:
+        """Send a step by name (the submitting side loads no task code); False when the broker is down. The row
+        is committed already, so the caller is not told to retry what it did: the reconciler sends it."""
         try:
             self._celery.send_task(task, args=list(args))
+            return True
         except Exception as exc:
             if not is_outage(exc):
                 raise
             log.warning("%s %s not sent now (%s); the reconciler will send it", task, args, type(exc).__name__)
+            return False
 
     def create(
         self,
@@ -100,13 +101,32 @@ class Farm:
             self.check_weights(weights_sha256)
         submitted = records.create_job(self.ctx.sessions, request, mode=FARM, submitted_by=who,
                                        idempotency_key=idempotency_key)
-        if submitted.created:
-            self._send(PLAN_TASK, submitted.job_id)
+        if submitted.created and not self._send(PLAN_TASK, submitted.job_id):
+            records.mark_unsent(self.ctx.sessions, submitted.job_id)  # the reconciler's next pass sends it
         return submitted
 
-    def submit(self, samples: str, ref: str | None = None, config: EvalConfig | None = None, **options: Any) -> str:
-        """`create`, returning the job id (as `Client.submit` does)."""
-        return self.create(samples, ref, config, **options).job_id
+    def submit(
+        self,
+        samples: str,
+        ref: str | None = None,
+        config: EvalConfig | None = None,
+        *,
+        run: str | None = None,
+        step: int | None = None,
+        tags: dict[str, Any] | None = None,
+        weights_sha256: str | None = None,
+        idempotency_key: str | None = None,
+        callback_url: str | None = None,
+        kind: str = JOB_EVAL,
+        reference_name: str | None = None,
+        **config_fields: Any,
+    ) -> str:
+        """`create`, returning the job id, as `Client.submit` does; `config_fields` are `EvalConfig` fields."""
+        return self.create(
+            samples, ref, (config or EvalConfig()).with_(**config_fields), run=run, step=step, tags=tags,
+            weights_sha256=weights_sha256, idempotency_key=idempotency_key, callback_url=callback_url, kind=kind,
+            reference_name=reference_name,
+        ).job_id
 
     def check_weights(self, weights_sha256: str) -> None:
         """Conflict when workers announced themselves and none holds these weights. With no worker seen, the

@@ -184,7 +184,6 @@ def escapes(service: Service) -> list[str]:
         "file:///etc/passwd",
         "http://127.0.0.1:1/samples.npz",
         "memory://samples.npz",
-        "samples",  # relative: to what?
     ]
 
 
@@ -196,6 +195,16 @@ def test_paths_outside_the_sample_roots_are_403_and_make_no_job(service, field):
         status, answer = call(service, "POST", "/v1/jobs", body, who="alice")
         assert status == 403, uri
         assert "EVALFARM_SAMPLE_ROOTS" in answer["detail"], uri
+    assert service.job_count() == before
+
+
+def test_a_relative_path_is_refused_as_samples_and_is_no_reference_name_as_ref(service):
+    before = service.job_count()
+    status, body = call(service, "POST", "/v1/jobs", {"samples": "samples", "metrics": "is"}, who="alice")
+    assert status == 403 and "give an absolute path or a URL" in body["detail"]
+    status, body = call(service, "POST", "/v1/jobs", {"samples": str(service.samples), "ref": "../outside"},
+                        who="alice")
+    assert status == 422 and body["detail"][0]["loc"] == ["body", "ref"]
     assert service.job_count() == before
 
 
@@ -212,13 +221,14 @@ def test_without_sample_roots_the_api_refuses_every_path(service):
         api.stop()
 
 
-def test_a_named_reference_is_taken_by_name_and_an_unknown_name_is_a_refused_path(service):
+def test_a_named_reference_is_taken_by_name_and_an_unknown_name_is_422(service):
     records.register_reference(service.farm.ctx.sessions, NamedReference(
         "cifar-like", "/elsewhere/cifar", "0" * 64, "0" * 64, "tf", 12, "refs/none.npz"))
     body = {"samples": missing(service, "named"), "metrics": "fid", "ref": "cifar-like"}
     assert call(service, "POST", "/v1/jobs", body, who="alice")[0] == 201
     status, answer = call(service, "POST", "/v1/jobs", {**body, "ref": "no-such-name"}, who="alice")
-    assert status == 403 and "EVALFARM_SAMPLE_ROOTS" in answer["detail"]
+    assert status == 422 and answer["detail"][0]["loc"] == ["body", "ref"]
+    assert "no named reference 'no-such-name'" in answer["detail"][0]["msg"]
 
 
 def test_the_worker_refuses_a_row_outside_its_roots_whoever_wrote_it(service):
@@ -340,8 +350,8 @@ def test_each_ended_job_gets_one_signed_webhook_after_a_first_attempt_that_got_5
 
 def test_submit_and_wait_through_the_light_client_give_the_embedded_numbers(service, embedded_result):
     client = service.client()
-    job_id = client.submit(str(service.samples), str(service.reference), EvalConfig(cache=False, **CONFIG),
-                           run="light", step=5, tags={"lr": "2e-4"})
+    job_id = client.submit(str(service.samples), str(service.reference), cache=False, **CONFIG,
+                           run="light", step=5, tags={"lr": "2e-4"})  # EvalConfig fields as keywords
     result = client.wait(job_id, timeout=300, poll_s=0.5)
     for key in keys.METRIC_KEYS:
         assert result[key] == pytest.approx(embedded_result[key], rel=1e-6, abs=1e-12), key
@@ -410,6 +420,8 @@ def test_unknown_and_malformed_job_ids_are_404_and_422(service):
     assert call(service, "GET", "/v1/jobs/not-a-job", who="reader")[0] == 422
     assert call(service, "GET", "/v1/jobs?limit=0", who="reader")[0] == 422
     assert call(service, "GET", "/v1/jobs?state=exploded", who="reader")[0] == 422
+    status, body = call(service, "GET", "/v1/results?metric=fidd", who="reader")
+    assert status == 422 and body["detail"][0]["loc"] == ["query", "metric"]
 
 
 def test_after_bad_input_the_server_still_serves(service):

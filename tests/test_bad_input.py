@@ -22,7 +22,7 @@ import evalfarm
 from evalfarm import (
     KEY_KID_MEAN,
     EvalConfig,
-    JobError,
+    InvalidField,
     MetricInputError,
     ReferenceMismatchError,
     SourceError,
@@ -263,8 +263,8 @@ def test_stats_file_of_the_wrong_shape_is_refused(
 # -- a missing reference ------------------------------------------------------------------------------------------
 
 
-def test_fid_without_a_reference_is_a_job_error(samples: Path, weights_path: Path, no_featurizing: None) -> None:
-    with pytest.raises(JobError, match=r"FID and KID need a reference: pass --ref"):
+def test_fid_without_a_reference_is_refused_naming_ref(samples: Path, weights_path: Path, no_featurizing: None) -> None:
+    with pytest.raises(InvalidField, match=r"ref: FID and KID need a reference"):
         evalfarm.evaluate(str(samples), None, weights=str(weights_path), metrics=("fid",))
     assert jobs() == []  # refused before a job is recorded
 

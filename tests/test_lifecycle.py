@@ -700,3 +700,14 @@ def test_the_janitor_leaves_alone_jobs_this_database_does_not_know(ctx: Context)
 
 def pool3_rows(n: int) -> np.ndarray:
     return np.abs(np.random.RandomState(n).normal(0.3, 1.0, size=(n, 8)))
+
+
+def test_a_plan_message_that_could_not_be_sent_is_sent_on_the_next_pass(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    waiting = new_job(ctx, image_sets, extractor.weights.sha256)  # sent a moment ago: on its way
+    unsent = new_job(ctx, image_sets, extractor.weights.sha256)
+    records.mark_unsent(ctx.sessions, unsent)  # the broker was down when it was submitted
+    assert find_lost_work(ctx).queued == [unsent]
+    assert find_lost_work(ctx).queued == []  # sent now: its deadline starts again
+    assert records.get_job(ctx.sessions, waiting).state == JobState.QUEUED

@@ -15,6 +15,7 @@ database or broker is unreachable.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from typing import Any
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel
 
 from evalfarm._version import __version__
 from evalfarm.api.auth import require
@@ -35,6 +37,7 @@ from evalfarm.scheduler.queries import MAX_LIMIT
 from evalfarm.scheduler.tokens import ADMIN, READ, SUBMIT, Principal
 from evalfarm.settings import Settings, get_settings
 from evalfarm.sources import SampleRoots
+from evalfarm.sources.base import is_url
 from evalfarm.workers.outages import outage_types
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     for path, method, endpoint, status in ROUTES:
-        app.add_api_route(path, endpoint, methods=[method], status_code=status)
+        errors = {} if path == "/health" else ERROR_RESPONSES
+        app.add_api_route(path, endpoint, methods=[method], status_code=status, responses=errors)
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     return app
@@ -78,10 +82,13 @@ def health() -> Health:
 
 def submit_job(body: JobRequest, request: Request, response: Response,
                who: Principal = Depends(require(SUBMIT)), f: Farm = Depends(farm)) -> JobCreated:
-    """Submit a job; with an `idempotency_key` the same key returns the same job (200 instead of 201)."""
+    """Submit a job (201); with an `idempotency_key`, a repeat of the same request returns the same job (200)."""
     roots: SampleRoots = request.app.state.roots
     roots.check(body.samples, "samples", require_absolute=True)
     if body.ref is not None and not f.is_named_reference(body.ref):
+        if not is_url(body.ref) and not os.path.isabs(body.ref):
+            raise InvalidField("ref", f"no named reference {body.ref!r} (GET /v1/references lists them; "
+                                      "`evalfarm ref create` makes one), and not an absolute path or a URL")
         roots.check(body.ref, "ref", require_absolute=True)
     try:
         config = body.config()
@@ -129,6 +136,22 @@ def list_references(_: Principal = Depends(require(READ)), f: Farm = Depends(far
     return f.references()
 
 
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+#: what the OpenAPI document says each route may answer besides success (422 is FastAPI's own)
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "No valid bearer token."},
+    403: {"model": ErrorDetail, "description": "The token lacks the scope, a path lies outside "
+                                               "EVALFARM_SAMPLE_ROOTS, or the job is another submitter's."},
+    404: {"model": ErrorDetail, "description": "No such job."},
+    409: {"model": ErrorDetail, "description": "An idempotency key reused with another body, or weights no "
+                                               "worker holds."},
+    413: {"model": ErrorDetail, "description": "A body over 1 MiB."},
+    503: {"model": ErrorDetail, "description": "The farm's database or broker is unreachable: retry."},
+}
+
 #: (path, method, endpoint, success status): the whole API
 ROUTES = [
     ("/health", "GET", health, 200),
@@ -146,7 +169,7 @@ ROUTES = [
 
 def _invalid_field(_: Request, exc: InvalidField) -> JSONResponse:
     """The shape of FastAPI's own 422s, so that clients read one format: the field, and what is wrong."""
-    loc = ["body"] if exc.field == "body" else ["body", exc.field]
+    loc = [exc.where] if exc.field == exc.where else [exc.where, exc.field]
     return JSONResponse({"detail": [{"type": "value_error", "loc": loc, "msg": exc.message}]}, status_code=422)
 
 

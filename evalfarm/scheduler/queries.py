@@ -8,7 +8,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import lazyload
 
 from evalfarm.db import Job, JobState, Reference, ShardState
-from evalfarm.keys import JOB_EVAL, METRIC_ALIASES
+from evalfarm.errors import InvalidField
+from evalfarm.keys import JOB_EVAL, METRIC_ALIASES, METRIC_KEYS
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.records import Sessions, get_job, shards_of
 from evalfarm.scheduler.webhooks import callback_status
@@ -82,6 +83,9 @@ def query_results(
     sessions: Sessions, *, run: str | None = None, metric: str | None = None, limit: int = 50
 ) -> list[dict[str, Any]]:
     """Succeeded jobs, newest first; with a run, ordered by step so a training curve reads top to bottom."""
+    if metric and metric not in METRIC_ALIASES and metric not in METRIC_KEYS:
+        raise InvalidField("metric", f"{metric!r} is none of {', '.join((*METRIC_ALIASES, *METRIC_KEYS))}",
+                           where="query")
     with sessions() as s:
         q = select(Job).where(Job.state == JobState.SUCCEEDED, Job.kind == JOB_EVAL)
         if run:

@@ -32,7 +32,7 @@ from evalfarm.db import (
     ShardState,
 )
 from evalfarm.db.models import as_utc, utcnow
-from evalfarm.errors import Conflict, JobError, JobNotFound, WeightsError
+from evalfarm.errors import Conflict, InvalidField, JobError, JobNotFound, WeightsError
 from evalfarm.keys import JOB_EVAL
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan, SidePlan
@@ -85,9 +85,9 @@ def create_job(
     """
     config = request.config
     if request.kind == JOB_EVAL and config.needs_reference and not request.ref:
-        raise JobError("FID and KID need a reference: pass --ref, or request --metrics is only.")
+        raise InvalidField("ref", "FID and KID need a reference: give one (--ref), or ask for IS only")
     if request.kind == JOB_EVAL and not config.metrics:
-        raise JobError("no metrics requested.")
+        raise InvalidField("metrics", "no metrics requested")
     digest = request.digest() if idempotency_key is not None else None
     for _ in range(3):  # two submits racing with one key: the unique constraint picks one, the other reads it
         if idempotency_key is not None:
@@ -128,6 +128,13 @@ def earlier_job(sessions: Sessions, request: Submission, submitted_by: str | Non
             f"idempotency key {key!r} was used for another request (job {row.id}); use a new key for a new job"
         )
     return Submitted(row.id, created=False)
+
+
+def mark_unsent(sessions: Sessions, job_id: str) -> None:
+    """The plan message of a queued job could not be sent (the broker was down): with no send time, it is
+    past its deadline at once, and the reconciler's next pass sends it (see `deadlines.find_lost_work`)."""
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED).values(enqueued_at=None))
 
 
 def get_job(sessions: Sessions, job_id: str) -> JobSnapshot:

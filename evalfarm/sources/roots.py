@@ -61,6 +61,10 @@ class SampleRoots:
             )
         if self.allows(uri, require_absolute=require_absolute):
             return
+        if require_absolute and not is_url(uri) and not os.path.isabs(uri):
+            raise NotAllowed(f"{what} {uri!r} was refused: give an absolute path or a URL inside the sample roots "
+                             f"of this farm ({ROOTS_VARIABLE}={self.describe()}); a relative path says nothing of "
+                             "where it is on the farm")
         raise NotAllowed(
             f"{what} {uri!r} is outside the sample roots of this farm ({ROOTS_VARIABLE}={self.describe()}); "
             "submit a path inside one of them (symlinks and '..' are resolved first), or ask the farm's "

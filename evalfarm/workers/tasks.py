@@ -67,6 +67,7 @@ def farm_task(name: str, *, on_failure: Failure, what: str) -> Callable[[Callabl
                     log.warning("%s %s: %s; retrying", what, args, type(exc).__name__)
                     raise self.retry(exc=exc, countdown=min(MAX_BACKOFF_S, 2**retries)) from exc
                 failure, final = f"{what} failed: {type(exc).__name__}: {exc}", retries >= MAX_RETRIES
+            log.warning("%s %s %s: %s", what, args, "failed for good" if final else "failed; will retry", failure)
             try:
                 on_failure(*args, message=failure, final=final)
             except Exception as exc:  # could not record it (database down): try again later, never drop it
