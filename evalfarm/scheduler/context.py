@@ -7,6 +7,7 @@ Postgres and Redis-backed partials on the farm. Every step takes a `Context` and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from evalfarm.db import session_factory
 from evalfarm.scheduler.partials import MemoryPartials, PartialStore, RedisPartials
@@ -32,12 +33,23 @@ def embedded_context(settings: Settings) -> Context:
     return Context(session_factory(settings.db_url), FeatureStore(settings.store), MemoryPartials())
 
 
+REDIS_SOCKET_TIMEOUT_S = 30  #: a Redis reply slower than this is an outage (retried), never a hang
+REDIS_CONNECT_TIMEOUT_S = 10
+
+
+def redis_client(url: str) -> Any:
+    """A Redis client that fails instead of waiting for ever on a connection a restart left dead."""
+    import redis
+
+    return redis.Redis.from_url(url, socket_timeout=REDIS_SOCKET_TIMEOUT_S,
+                                socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_keepalive=True,
+                                health_check_interval=REDIS_SOCKET_TIMEOUT_S)
+
+
 def farm_context(settings: Settings) -> Context:
     """The farm's database, and partials whose digests live in Redis (see `scheduler.partials`). Its workers
     read only inside EVALFARM_SAMPLE_ROOTS when that is set, whatever wrote the job's row."""
-    import redis
-
     store = FeatureStore(settings.store)
-    partials = RedisPartials(redis.Redis.from_url(settings.redis_url), store)
+    partials = RedisPartials(redis_client(settings.redis_url), store)
     roots = SampleRoots.parse(settings.sample_roots) if settings.sample_roots else None
     return Context(session_factory(settings.db_url), store, partials, roots)

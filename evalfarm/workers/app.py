@@ -6,12 +6,15 @@
 - visibility_timeout > task_time_limit: Redis redelivers unacked tasks after the timeout counted from
   delivery (celery #5306), so a shard must always end, or be killed, well before it.
 - No result backend: outcomes live in Postgres; Celery results would only duplicate them in Redis.
+- Socket timeouts on every Redis connection: without one, a publish on a connection the broker's restart
+  left dead can block for ever (celery #4296, #2741), and a worker of one process then never runs again.
 """
 
 from __future__ import annotations
 
 from celery import Celery
 
+from evalfarm.scheduler.context import REDIS_CONNECT_TIMEOUT_S, REDIS_SOCKET_TIMEOUT_S
 from evalfarm.settings import Settings, get_settings
 
 GPU_QUEUE, CPU_QUEUE = "gpu", "cpu"
@@ -25,7 +28,8 @@ def make_app(settings: Settings | None = None) -> Celery:
     """The farm's Celery app on the broker of `settings` (by default, the environment's)."""
     settings = settings or get_settings()
     app = Celery("evalfarm", broker=settings.redis_url, include=["evalfarm.workers.tasks", "evalfarm.workers.reconciler"])
-    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
+    transport = {"visibility_timeout": VISIBILITY_TIMEOUT_S, "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+                 "socket_connect_timeout": REDIS_CONNECT_TIMEOUT_S, "socket_keepalive": True}
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

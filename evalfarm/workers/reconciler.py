@@ -20,7 +20,7 @@ from celery import signals
 
 from evalfarm.errors import EvalfarmError
 from evalfarm.scheduler import deadlines, ends, webhooks
-from evalfarm.scheduler.context import Context
+from evalfarm.scheduler.context import Context, redis_client
 from evalfarm.settings import Settings, get_settings
 from evalfarm.workers import registry, runtime
 from evalfarm.workers.tasks import deliver_webhook, featurize_shard, plan_job_task, reduce_job_task
@@ -60,7 +60,7 @@ def _announce(client: redis.Redis, settings: Settings) -> None:
 
 def _loop() -> None:
     settings = get_settings()
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings.redis_url)
     while True:
         try:
             _announce(client, settings)
