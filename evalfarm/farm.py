@@ -82,10 +82,13 @@ class Farm:
         callback_url: str | None = None,
         submitted_by: str | None = None,
         idempotency_key: str | None = None,
+        **config_fields: Any,
     ) -> records.Submitted:
         """Record the job, then enqueue its planning (after the commit, so the task always finds its row).
-        A repeat under the same idempotency key returns the earlier job before anything is checked again."""
-        request = records.Submission(samples, ref, config or EvalConfig(), kind=kind, run=run, step=step,
+        A repeat under the same idempotency key returns the earlier job before anything is checked again.
+        `config_fields` are `EvalConfig` fields, applied over `config`."""
+        config = (config or EvalConfig()).with_(**config_fields)
+        request = records.Submission(samples, ref, config, kind=kind, run=run, step=step,
                                      tags=tags or {}, weights_sha256=weights_sha256, reference_name=reference_name,
                                      callback_url=callback_url)
         who = submitted_by or local_submitter()
@@ -105,28 +108,9 @@ class Farm:
             records.mark_unsent(self.ctx.sessions, submitted.job_id)  # the reconciler's next pass sends it
         return submitted
 
-    def submit(
-        self,
-        samples: str,
-        ref: str | None = None,
-        config: EvalConfig | None = None,
-        *,
-        run: str | None = None,
-        step: int | None = None,
-        tags: dict[str, Any] | None = None,
-        weights_sha256: str | None = None,
-        idempotency_key: str | None = None,
-        callback_url: str | None = None,
-        kind: str = JOB_EVAL,
-        reference_name: str | None = None,
-        **config_fields: Any,
-    ) -> str:
-        """`create`, returning the job id, as `Client.submit` does; `config_fields` are `EvalConfig` fields."""
-        return self.create(
-            samples, ref, (config or EvalConfig()).with_(**config_fields), run=run, step=step, tags=tags,
-            weights_sha256=weights_sha256, idempotency_key=idempotency_key, callback_url=callback_url, kind=kind,
-            reference_name=reference_name,
-        ).job_id
+    def submit(self, samples: str, ref: str | None = None, config: EvalConfig | None = None, **options: Any) -> str:
+        """`create`, returning the job id, as `Client.submit` does."""
+        return self.create(samples, ref, config, **options).job_id
 
     def check_weights(self, weights_sha256: str) -> None:
         """Conflict when workers announced themselves and none holds these weights. With no worker seen, the
