@@ -15,3 +15,12 @@ METRIC_ALIASES = {"is": KEY_IS_MEAN, "fid": KEY_FID, "kid": KEY_KID_MEAN}
 
 #: job kinds: evaluate a sample set, or featurize one and register it as a named reference
 JOB_EVAL, JOB_REFERENCE = "eval", "reference"
+
+#: a metric's family as users name it (`--metric fid`): its value key and, where there is one, its std key
+METRIC_FAMILIES: dict[str, tuple[str, str | None]] = {
+    "is": (KEY_IS_MEAN, KEY_IS_STD),
+    "fid": (KEY_FID, None),
+    "kid": (KEY_KID_MEAN, KEY_KID_STD),
+}
+#: how plots and the dashboard label each family
+METRIC_LABELS = {"is": "Inception Score", "fid": "FID", "kid": "KID"}

@@ -1,0 +1,97 @@
+"""The history of a training run: its succeeded evaluations by step, read from wherever results live.
+
+One reader for the commands that look back at runs (`export`, `plot`, `watch`'s exports): the farm's API
+when `EVALFARM_API_URL` is set, else the results database (`EVALFARM_DATABASE_URL`, or this machine's
+SQLite file). It loads neither torch nor Celery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from evalfarm.errors import EvalfarmError
+from evalfarm.keys import METRIC_FAMILIES
+from evalfarm.settings import Settings, get_settings
+
+MAX_POINTS = 1000  #: the most results one run's history holds (the API's page bound)
+
+
+class ResultsSource(Protocol):
+    """Anything with the `results` method of `evalfarm.client.Client` and `evalfarm.farm.Farm`."""
+
+    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        ...
+
+
+@dataclass(frozen=True)
+class Point:
+    """One succeeded evaluation of a run: its step, and every metric value it stored."""
+
+    run: str
+    step: int | None
+    job_id: str
+    finished_at: datetime | None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def value(self, family: str) -> tuple[float, float | None] | None:
+        """(value, std) of a metric family (`is`, `fid`, `kid`), or None when this result lacks it."""
+        key, std_key = METRIC_FAMILIES[family]
+        if key not in self.metrics:
+            return None
+        return self.metrics[key], (self.metrics.get(std_key) if std_key else None)
+
+
+class DatabaseResults:
+    """The results database read directly (no API): the farm's Postgres or this machine's SQLite."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        from evalfarm.db import session_factory
+
+        self.sessions = session_factory((settings or get_settings()).db_url)
+
+    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        from evalfarm.scheduler.queries import query_results
+
+        return query_results(self.sessions, run=run, metric=metric, limit=limit)
+
+
+def results_source(settings: Settings | None = None) -> ResultsSource:
+    """The farm's API when `EVALFARM_API_URL` is set, else the results database."""
+    settings = settings or get_settings()
+    if settings.api_url:
+        from evalfarm.client import Client
+
+        return Client()
+    return DatabaseResults(settings)
+
+
+def run_history(run: str, source: ResultsSource | None = None) -> list[Point]:
+    """The run's succeeded evaluations, sorted by step (results without a step last, by finish time)."""
+    rows = (source or results_source()).results(run=run, limit=MAX_POINTS)
+    points = [
+        Point(run=r["run"], step=r["step"], job_id=r["job_id"], finished_at=_time(r.get("finished_at")),
+              metrics={k: float(v) for k, v in r["metrics"].items()})
+        for r in rows
+    ]
+    return sorted(points, key=lambda p: (p.step is None, p.step or 0, p.finished_at or _EPOCH))
+
+
+def require_history(run: str, source: ResultsSource | None = None) -> list[Point]:
+    """`run_history`, with a clear error when the run has no result at all (a typo, or nothing finished)."""
+    points = run_history(run, source)
+    if not points:
+        raise EvalfarmError(f"run {run!r} has no succeeded evaluation (`evalfarm results` lists the runs' results)")
+    return points
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _time(value: Any) -> datetime | None:
+    """A finish time as an aware UTC time, whether it came from Postgres, SQLite (naive) or JSON (text)."""
+    if value is None:
+        return None
+    t = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
