@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,6 +19,7 @@ from evalfarm.config import DEFAULT_SEED, DEFAULT_SHARD_SIZE, EvalConfig, parse_
 from evalfarm.errors import EvalfarmError
 from evalfarm.settings import get_settings
 
+EXPORT_TARGETS = "tensorboard:DIR, mlflow:TRACKING_URI[#EXPERIMENT] or wandb:PROJECT[/RUN_ID]"
 SEEDED_WEIGHTS_WARNING = (
     "WARNING: these weights are not the canonical FID-Inception file (sha256 {sha}…). The numbers below are "
     "only comparable to numbers computed with the same file; they are not FID/IS/KID values you can publish."
@@ -211,6 +213,125 @@ def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> No
     click.echo("  ".join(c.ljust(widths[c]) for c in columns))
     for r in flat:
         click.echo("  ".join(cell(r.get(c)).ljust(widths[c]) for c in columns))
+
+
+@main.command("watch")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--run", required=True, help="The run its results are filed under.")
+@click.option("--ref", help="Reference: a named reference, a sample set, or a pytorch-fid mu/sigma .npz.")
+@click.option("--pattern", default="*", show_default=True, help="Which names under DIRECTORY are sample sets (glob).")
+@click.option("--every", "every_s", type=float, default=60.0, show_default=True, help="Seconds between polls.")
+@click.option("--step-regex", help="Where the step is in a set's name (its first group); default: the last number.")
+@click.option("--once", is_flag=True, help="Evaluate what is there now, wait for it to end, and exit.")
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="State file (default: DIRECTORY/.evalfarm-watch-RUN.json).")
+@click.option("--export", "exports", multiple=True, metavar="TARGET",
+              help=f"After each result, export the run to {EXPORT_TARGETS}. Repeatable.")
+@click.option("--farm/--embedded", "on_farm", default=None,
+              help="Submit to the farm, or evaluate here (default: the farm when EVALFARM_API_URL is set).")
+@metric_options
+@click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local Inception weight file, embedded (env EVALFARM_WEIGHTS).")
+@click.option("--device", default=None, help="Embedded: cpu, cuda, cuda:N or auto.")
+@click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_errors
+def watch_cmd(directory: Path, run: str, ref: str | None, pattern: str, every_s: float, step_regex: str | None,
+              once: bool, state_path: Path | None, exports: tuple[str, ...], on_farm: bool | None,
+              weights: str | None, device: str | None, tags: tuple[str, ...], quiet: bool, **kw: Any) -> None:
+    """Evaluate each new complete sample set under DIRECTORY once, as a sidecar of a training job.
+
+    A set (a folder, .npz/.npy, or a tar/zip archive) is complete when NAME.DONE (or DONE inside a set
+    folder) exists, or when it did not change between two polls. Its step comes from its name
+    (samples_120000.npz, step-120000/). What was submitted is remembered in the state file and by
+    idempotency keys, so a restarted watcher never submits a set twice.
+    """
+    from evalfarm.watch import EmbeddedBackend, FarmBackend, Watcher, WatchOptions
+
+    config = config_from_flags(kw)
+    if config.needs_reference and ref is None:
+        raise click.UsageError("--ref is required for FID and KID (or pass --metrics is)")
+    if every_s <= 0:
+        raise click.BadParameter("--every must be positive")
+    if exports:
+        from evalfarm.export import parse_target
+
+        for target in exports:
+            parse_target(target)
+    on_farm = bool(get_settings().api_url) if on_farm is None else on_farm
+    backend = FarmBackend(farm_client()) if on_farm else EmbeddedBackend(weights=weights, device=device,
+                                                                         progress=not quiet)
+    opts = WatchOptions(
+        root=directory.resolve(), run=run, ref=ref and (submitted_path(ref) if on_farm else ref), config=config,
+        pattern=pattern, every_s=every_s, step_regex=step_regex, state_path=state_path, tags=parse_tags(tags),
+        exports=exports,
+    )
+    stopping = _stop_on_signals()
+    where = "on the farm" if on_farm else "here"
+    click.echo(f"watching {opts.root} for run {run}, every {every_s:g} s, evaluating {where}; "
+               f"state in {opts.state_file}", err=True)
+    sys.exit(Watcher(opts, backend, _log).run(once=once, stop=stopping))
+
+
+def _log(line: str) -> None:
+    import time
+
+    click.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True)
+
+
+def _stop_on_signals() -> Callable[[], bool]:
+    """SIGTERM and SIGINT end the watch after the current step (its state is saved as it goes)."""
+    import signal
+
+    stop = {"asked": False}
+
+    def ask(signum: int, _frame: object) -> None:
+        if stop["asked"]:  # a second signal: stop now
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        _log(f"{signal.Signals(signum).name}: stopping after the current step")
+
+    signal.signal(signal.SIGTERM, ask)
+    signal.signal(signal.SIGINT, ask)
+    return lambda: stop["asked"]
+
+
+@main.command("export")
+@click.option("--run", required=True, help="The run whose results are written.")
+@click.option("--to", "targets", multiple=True, required=True, metavar="TARGET",
+              help=f"Where to: {EXPORT_TARGETS}. Repeatable.")
+@_errors
+def export_cmd(run: str, targets: tuple[str, ...]) -> None:
+    """Write every result of a run under its training step, where people already look: TensorBoard, MLflow
+    or W&B. Exporting again adds only what is new (TensorBoard's file is written anew, sorted by step)."""
+    from evalfarm.export import export_run, parse_target
+    from evalfarm.runs import require_history
+
+    for target in targets:
+        parse_target(target)  # every target checked before anything is read or written
+    points = require_history(run)
+    for target in targets:
+        written = export_run(run, points, target)
+        click.echo(f"run {run}: {written} of {len(points)} results written to {target}")
+
+
+@main.command("plot")
+@click.option("--run", "runs", multiple=True, required=True, help="A run to draw; repeat to compare runs.")
+@click.option("--metric", type=click.Choice(list(keys.METRIC_FAMILIES)), default="fid", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The file to write: .png, .svg or .pdf.")
+@click.option("--title", help="The plot's title (default: the metric against step).")
+@click.option("--dpi", type=click.IntRange(30, 600), default=150, show_default=True)
+@_errors
+def plot_cmd(runs: tuple[str, ...], metric: str, output: Path, title: str | None, dpi: int) -> None:
+    """Plot a metric against the training step, one line per run (± std bands for IS and KID), from the
+    farm's API (EVALFARM_API_URL) or the results database."""
+    from evalfarm.plot import plot_runs
+    from evalfarm.runs import require_history, results_source
+
+    source = results_source()
+    histories = {run: require_history(run, source) for run in dict.fromkeys(runs)}
+    drawn = plot_runs(histories, metric, output, title=title, dpi=dpi)
+    click.echo(f"{output}: {keys.METRIC_LABELS[metric]} of {', '.join(histories)} at {drawn} steps")
 
 
 @main.group("ref")

@@ -105,3 +105,23 @@ def write_images(folder: Path, n: int, size: int, seed: int, brightness: float) 
 
 def images_as_array(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
+
+
+def record_result(run: str, step: int | None, values: dict[str, float], db_url: str | None = None) -> str:
+    """A succeeded evaluation of `run` at `step` in the results database (this test's own, by default), written
+    by the same record functions a reducer uses; returns its job id. For the tests of what reads results
+    back (export, plot, dashboard), which need known values rather than featurized ones."""
+    from sqlalchemy import update
+
+    from evalfarm.config import EvalConfig
+    from evalfarm.db import Job, JobState, session_factory
+    from evalfarm.scheduler import records
+    from evalfarm.settings import get_settings
+
+    sessions = session_factory(db_url or get_settings().db_url)
+    request = records.Submission(f"/samples/{run}/{step}.npz", "/reference.npz", EvalConfig(), run=run, step=step)
+    job_id = records.create_job(sessions, request, mode="embedded").job_id
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(state=JobState.REDUCING))
+    records.finish_job(sessions, job_id, values, {"job_id": job_id, "run": run, "step": step, **values})
+    return job_id

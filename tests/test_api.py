@@ -450,3 +450,49 @@ def test_the_docs_page_needs_nothing_from_the_internet(service):
     for asset in assets:
         with urllib.request.urlopen(f"{service.url}/docs-assets/{asset}", timeout=10) as r:
             assert r.status == 200 and len(r.read()) > 10_000
+
+
+# -- the training loop's sidecar -------------------------------------------------------------------------------------
+
+
+def test_a_watcher_that_lost_its_state_submits_no_set_twice(service, tmp_path):
+    """`evalfarm watch` through the API: killed after submitting, its state file lost, then run again with a
+    new set: the same idempotency keys return the first jobs, and the new set gets the one new job."""
+    import os
+    import signal
+    import subprocess
+
+    from .helpers import EVALFARM
+
+    root = service.roots / "watched"
+    for step in (1000, 2000):
+        (write_images(root / f"step-{step}", 8, 32, seed=step, brightness=1.0) / "DONE").touch()
+    env = {**service.env, "EVALFARM_API_URL": service.url, "EVALFARM_API_TOKEN": service.tokens["alice"]}
+    args = [*EVALFARM, "watch", str(root), "--run", "watched", "--ref", str(service.reference), "--every", "0.5",
+            "--kid-subset-size", "8", "--kid-subsets", "5", "--splits", "4", "--shard-size", "8"]
+    state = root / ".evalfarm-watch-watched.json"
+
+    def submitted() -> dict[str, str]:
+        try:
+            sets = json.loads(state.read_text())["sets"]
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {name: rec["job_id"] for name, rec in sets.items() if rec["job_id"]}
+
+    with open(tmp_path / "watch.log", "wb") as log:
+        first = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_until(lambda: len(submitted()) == 2, 60, "both sets submitted")
+        finally:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(10)
+    first_jobs = submitted()
+    state.unlink()  # the worst case: everything the watcher remembered is gone
+    (write_images(root / "step-3000", 8, 32, seed=3000, brightness=1.0) / "DONE").touch()
+
+    again = subprocess.run([*args, "--once"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    jobs = service.farm.jobs(run="watched")
+    assert sorted(j["step"] for j in jobs) == [1000, 2000, 3000]
+    assert {j["state"] for j in jobs} == {"succeeded"}
+    assert {k: v for k, v in submitted().items() if k != "step-3000"} == first_jobs

@@ -18,7 +18,7 @@ PACKAGE = Path(evalfarm.__file__).parent
 RANK = {
     "_version": 0, "states": 0, "config": 0, "settings": 0, "errors": 0, "keys": 0,
     "sources": 1, "models": 2, "metrics": 3, "db": 3, "pipeline": 4, "scheduler": 5,
-    "workers": 6, "farm": 6, "client": 6, "api": 7, "cli": 8,
+    "workers": 6, "farm": 6, "client": 6, "runs": 6, "api": 7, "export": 7, "plot": 7, "watch": 7, "cli": 8,
 }
 
 
@@ -93,6 +93,8 @@ LIGHT = ("torch", "celery", "sqlalchemy", "redis", "numpy", "fastapi", "pydantic
 @pytest.mark.parametrize("module,heavy", [
     ("evalfarm.config", LIGHT),
     ("evalfarm.client", LIGHT),  # what a training job imports to submit
+    ("evalfarm.watch", LIGHT),  # the sidecar beside a training job: light until it evaluates here
+    ("evalfarm.runs", LIGHT),
     ("evalfarm.settings", LIGHT),
     ("evalfarm.api.app", ("torch", "torchvision")),  # the service holds no network: it never featurizes
 ])

@@ -6,6 +6,7 @@ No Redis, no Postgres: SQLite records the job and partials stay in memory. Becau
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from tqdm import tqdm
@@ -37,14 +38,19 @@ def run_embedded(
     tags: dict[str, Any] | None = None,
     progress: bool = False,
     num_workers: int | None = None,
+    on_job: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate (or, with kind "reference", register) a sample set here; returns the result document."""
+    """Evaluate (or, with kind "reference", register) a sample set here; returns the result document.
+    `on_job` is told the job's id once its row exists, before any work (a caller that may die meanwhile,
+    such as `evalfarm watch`, records it)."""
     settings = settings or get_settings()
     w = load_weights(settings, weights)
     ctx = embedded_context(settings)
     request = records.Submission(samples, ref, config, kind=kind, run=run, step=step, tags=tags or {},
                                  weights_sha256=w.sha256, reference_name=reference_name)
     job_id = records.create_job(ctx.sessions, request, mode=EMBEDDED).job_id
+    if on_job is not None:
+        on_job(job_id)
     extractor: FeatureExtractor | None = None
 
     def featurize(shards: tuple[tuple[str, int], ...]) -> None:

@@ -1,0 +1,109 @@
+"""What a watcher sees in a training job's sample directory: the sample sets, their steps, and whether each
+is complete yet.
+
+A set is complete when a `DONE` marker sits with it (`NAME.DONE` beside it, or `DONE` inside a set folder),
+or when its signature (bytes, files, newest modification) is the same on two polls in a row: a writer
+that is still appending changes it between polls.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from evalfarm.errors import EvalfarmError
+
+SET_SUFFIXES = (".npz", ".npy", ".tar", ".tar.gz", ".tgz", ".zip")  #: files that are sample sets; folders always are
+DONE_MARKER = "DONE"
+_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """One candidate set: its name under the watched directory, its path and its step."""
+
+    name: str
+    path: Path
+    step: int
+
+    def signature(self) -> list[int]:
+        """[bytes, files, newest mtime in ns] now; looked at only for sets not started yet (a folder of 50k
+        images costs 50k stats)."""
+        return list(signature(self.path))
+
+    def done_marker(self) -> bool:
+        return has_done_marker(self.path)
+
+
+def step_parser(step_regex: str | None) -> re.Pattern[str]:
+    """The pattern that finds a set's step in its name: the user's (its first group, else the whole match),
+    or by default the last number in the name (`samples_120000.npz`, `step-120000`)."""
+    if step_regex is None:
+        return _LAST_NUMBER
+    try:
+        pattern = re.compile(step_regex)
+    except re.error as exc:
+        raise EvalfarmError(f"--step-regex {step_regex!r} is not a regular expression: {exc}") from exc
+    return pattern
+
+
+def parse_step(name: str, pattern: re.Pattern[str]) -> int | None:
+    stem = name[: -len(suffix)] if (suffix := _set_suffix(name)) else name
+    match = pattern.search(stem)
+    if match is None:
+        return None
+    text = match.group(1) if pattern.groups else match.group(0)
+    return int(text) if text and text.isdigit() else None
+
+
+def _set_suffix(name: str) -> str | None:
+    lower = name.lower()
+    return next((s for s in SET_SUFFIXES if lower.endswith(s)), None)
+
+
+def signature(path: Path) -> tuple[int, int, int]:
+    """(bytes, files, newest mtime in ns) of a file or of a folder's visible files, recursively."""
+    if path.is_file():
+        st = path.stat()
+        return st.st_size, 1, st.st_mtime_ns
+    size = files = newest = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            if f.startswith("."):
+                continue
+            try:
+                st = os.stat(os.path.join(dirpath, f))
+            except FileNotFoundError:  # removed while we walked: the set is still changing
+                continue
+            size, files, newest = size + st.st_size, files + 1, max(newest, st.st_mtime_ns)
+    return size, files, newest
+
+
+def has_done_marker(path: Path) -> bool:
+    beside = [path.with_name(path.name + "." + DONE_MARKER), path.with_name(path.name + "." + DONE_MARKER.lower())]
+    return any(p.is_file() for p in beside) or (path.is_dir() and (path / DONE_MARKER).is_file())
+
+
+def discover(root: Path, pattern: str, steps: re.Pattern[str], ignore: frozenset[str] = frozenset()
+             ) -> tuple[list[SampleSet], list[str]]:
+    """The sample sets directly under `root` whose names match `pattern`, by step; and the names that match
+    but carry no step (reported, not evaluated)."""
+    if not root.is_dir():
+        raise EvalfarmError(f"{root} is not a directory: watch the folder the training job writes its samples to")
+    found, stepless = [], []
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        if name.startswith(".") or name in ignore or not fnmatch.fnmatch(name, pattern):
+            continue
+        if not (entry.is_dir() or (entry.is_file() and _set_suffix(name))):
+            continue  # markers, logs, half-written `.tmp` files: not sample sets
+        step = parse_step(name, steps)
+        if step is None:
+            stepless.append(name)
+            continue
+        found.append(SampleSet(name, entry, step))
+    return sorted(found, key=lambda s: (s.step, s.name)), stepless

@@ -1,0 +1,200 @@
+"""`evalfarm watch`: each complete sample set of a training run evaluated exactly once, across restarts.
+
+The end-to-end tests run the watcher as a real process (`evalfarm watch`), kill it with SIGKILL mid-work
+and start it again, as a training cluster's preemption would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+import evalfarm
+from evalfarm.db import Job, JobState, session_factory
+from evalfarm.errors import EvalfarmError
+from evalfarm.settings import get_settings
+from evalfarm.watch.sets import discover, parse_step, step_parser
+from evalfarm.watch.state import StateLock, WatchState
+from evalfarm.watch.watcher import ABANDONED
+
+from .helpers import EVALFARM, rel_err, wait_until, write_images
+
+CONFIG = ["--kid-subset-size", "6", "--kid-subsets", "4", "--splits", "2", "--quiet"]
+
+
+# -- which sets, which steps, when complete ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "step"), [("samples_120000.npz", 120000), ("step-120000", 120000),
+                                            ("ckpt_v2_step_5000.tar.gz", 5000), ("final", None)])
+def test_the_step_is_the_last_number_of_the_name(name, step):
+    assert parse_step(name, step_parser(None)) == step
+
+
+def test_a_step_regex_takes_its_first_group():
+    assert parse_step("run3-it00042-ema", step_parser(r"it(\d+)")) == 42
+
+
+def test_a_bad_step_regex_is_a_clear_error():
+    with pytest.raises(EvalfarmError, match="--step-regex"):
+        step_parser("it(")
+
+
+def test_only_sample_sets_matching_the_pattern_are_candidates(tmp_path):
+    for name in ("samples_1000.npz", "samples_2000.npz.tmp", "samples_3000.npz.DONE", ".hidden_4000.npz",
+                 "log_5000.txt", "other_6000.npz"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "samples_7000").mkdir()
+    (tmp_path / "samples_final.npz").write_bytes(b"x")
+    found, stepless = discover(tmp_path, "samples_*", step_parser(None))
+    assert [(s.name, s.step) for s in found] == [("samples_1000.npz", 1000), ("samples_7000", 7000)]
+    assert stepless == ["samples_final.npz"]
+
+
+def test_a_done_marker_beside_a_file_or_inside_a_folder_completes_it(tmp_path):
+    (tmp_path / "a_1.npz").write_bytes(b"x")
+    (tmp_path / "a_1.npz.DONE").touch()
+    (tmp_path / "b_2").mkdir()
+    (tmp_path / "b_2" / "DONE").touch()
+    (tmp_path / "c_3.npz").write_bytes(b"x")
+    found, _ = discover(tmp_path, "*", step_parser(None))
+    assert {s.name: s.done_marker() for s in found} == {"a_1.npz": True, "b_2": True, "c_3.npz": False}
+
+
+def test_a_growing_set_changes_its_signature(tmp_path):
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(b"x" * 10)
+    (s,) = discover(tmp_path, "*", step_parser(None))[0]
+    before = s.signature()
+    (folder / "1.png").write_bytes(b"x" * 10)
+    assert s.signature() != before
+
+
+def test_a_second_watcher_on_the_same_state_refuses_to_start(tmp_path):
+    with StateLock(tmp_path / "state.json"), pytest.raises(EvalfarmError, match="another watcher"):
+        with StateLock(tmp_path / "state.json"):
+            pass
+
+
+def test_a_state_file_of_another_run_is_refused(tmp_path):
+    WatchState(tmp_path / "state.json", "run-a").save()
+    with pytest.raises(EvalfarmError, match="belongs to run 'run-a'"):
+        WatchState.load(tmp_path / "state.json", "run-b")
+
+
+def test_a_damaged_state_file_is_a_clear_error(tmp_path):
+    (tmp_path / "state.json").write_text("{not json")
+    with pytest.raises(EvalfarmError, match="unreadable"):
+        WatchState.load(tmp_path / "state.json", "run-a")
+
+
+# -- end to end: a real watcher process, killed and restarted -------------------------------------------------------
+
+
+class WatchProcess:
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as f:
+            self.proc = subprocess.Popen([*EVALFARM, "watch", *args], stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env=dict(os.environ))
+
+    def kill(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        return self.proc.wait(120)
+
+
+def state_of(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())["sets"]
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def new_step(root: Path, step: int, n: int, *, done: bool) -> Path:
+    """A training job writing the samples of `step`: images first, the DONE marker last."""
+    folder = write_images(root / f"step-{step}", n, 32, seed=step, brightness=1.0)
+    if done:
+        (folder / "DONE").touch()
+    return folder
+
+
+@pytest.fixture
+def watched(tmp_path, weights_path, reference_dir, monkeypatch):
+    monkeypatch.setenv("EVALFARM_WEIGHTS", str(weights_path))
+    root = tmp_path / "samples"
+    root.mkdir()
+    return root
+
+
+def test_three_steps_over_a_kill_and_a_restart_give_three_results_and_no_duplicate(watched, reference_dir, tmp_path):
+    state = watched / ".evalfarm-watch-run7.json"
+    args = [str(watched), "--run", "run7", "--ref", str(reference_dir), "--every", "0.5", *CONFIG]
+    log = tmp_path / "watch.log"
+    first = WatchProcess(args, log)
+    try:
+        new_step(watched, 1000, 8, done=True)
+        wait_until(lambda: state_of(state).get("step-1000", {}).get("state") == "succeeded", 180, "step 1000")
+        new_step(watched, 2000, 48, done=False)  # no marker: complete once it stops changing
+        wait_until(lambda: state_of(state).get("step-2000", {}).get("job_id"), 60, "step 2000 started")
+    finally:
+        first.kill()  # mid-evaluation of step 2000
+    abandoned = state_of(state)["step-2000"]
+    assert abandoned["state"] == "submitted"
+    new_step(watched, 3000, 8, done=True)  # written while no watcher runs
+
+    second = WatchProcess(args, log)
+    try:
+        wait_until(lambda: all(state_of(state).get(f"step-{s}", {}).get("state") == "succeeded"
+                               for s in (1000, 2000, 3000)), 300, "all three steps")
+    finally:
+        assert second.stop() == 0
+
+    with session_factory(get_settings().db_url)() as s:
+        jobs = s.scalars(select(Job).where(Job.run == "run7")).all()
+    succeeded = sorted(j.step for j in jobs if j.state == JobState.SUCCEEDED)
+    assert succeeded == [1000, 2000, 3000]
+    (dead,) = [j for j in jobs if j.state != JobState.SUCCEEDED]
+    assert (dead.id, dead.state, dead.error) == (abandoned["job_id"], JobState.FAILED, ABANDONED)
+
+    final = next(j for j in jobs if j.step == 3000)
+    expected = evalfarm.evaluate(str(watched / "step-3000"), str(reference_dir), kid_subset_size=6, kid_subsets=4,
+                                 splits=2, cache=False)
+    for key in expected["metric_keys"]:
+        assert rel_err(final.result[key], expected[key]) <= 1e-6, key
+
+
+def test_once_evaluates_what_is_there_and_exits(watched, reference_dir, tmp_path):
+    new_step(watched, 10, 8, done=False)
+    done = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once",
+                           "--every", "0.5", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "step 10: step-10 is complete (unchanged since the last poll)" in done.stderr
+    assert state_of(watched / ".evalfarm-watch-r.json")["step-10"]["state"] == "succeeded"
+
+    again = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once",
+                            "--every", "0.5", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "is complete" not in again.stderr  # already evaluated: nothing to do
+
+
+def test_a_set_that_cannot_be_read_fails_once_and_the_watch_goes_on(watched, reference_dir):
+    (watched / "samples_5.npz").write_bytes(b"not an npz")
+    (watched / "samples_5.npz.DONE").touch()
+    new_step(watched, 6, 8, done=True)
+    done = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once",
+                           "--every", "0.5", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1  # a set failed
+    sets = state_of(watched / ".evalfarm-watch-r.json")
+    assert sets["samples_5.npz"]["state"] == "failed" and "samples_5.npz" in sets["samples_5.npz"]["error"]
+    assert sets["step-6"]["state"] == "succeeded"
+    assert "Traceback" not in done.stderr
