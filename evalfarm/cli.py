@@ -17,9 +17,9 @@ import click
 from evalfarm import keys
 from evalfarm.config import DEFAULT_SEED, DEFAULT_SHARD_SIZE, EvalConfig, parse_metrics
 from evalfarm.errors import EvalfarmError
+from evalfarm.export import TARGET_FORMS as EXPORT_TARGETS
 from evalfarm.settings import get_settings
 
-EXPORT_TARGETS = "tensorboard:DIR, mlflow:TRACKING_URI[#EXPERIMENT] or wandb:PROJECT[/RUN_ID]"
 SEEDED_WEIGHTS_WARNING = (
     "WARNING: these weights are not the canonical FID-Inception file (sha256 {sha}…). The numbers below are "
     "only comparable to numbers computed with the same file; they are not FID/IS/KID values you can publish."
@@ -158,15 +158,18 @@ def main() -> None:
 @click.option("--run", help="Run name to file the result under.")
 @click.option("--step", type=int, help="Training step / checkpoint of these samples.")
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
+@click.option("--export", "exports", multiple=True, metavar="TARGET",
+              help=f"Then export the run to {EXPORT_TARGETS} (needs --run). Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors
 def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | None, loader_workers: int | None,
-             json_path: str | None, run: str | None, step: int | None, tags: tuple[str, ...], quiet: bool,
-             **kw: Any) -> None:
+             json_path: str | None, run: str | None, step: int | None, tags: tuple[str, ...],
+             exports: tuple[str, ...], quiet: bool, **kw: Any) -> None:
     """Evaluate SAMPLES on this machine (no servers needed); stores the result in the local database."""
     from evalfarm.scheduler.embedded import run_embedded
 
     config = config_from_flags(kw)
+    check_exports(exports, run)
     result = run_embedded(
         samples, ref, config, weights=weights, device=device, run=run, step=step, tags=parse_tags(tags),
         progress=not quiet, num_workers=loader_workers,
@@ -174,6 +177,10 @@ def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | N
     click.echo(format_result(result), err=json_path == "-")
     if json_path:
         write_json(json_path, result)
+    if exports:
+        from evalfarm.runs import DatabaseResults, run_history
+
+        export_history(run, exports, run_history(run, DatabaseResults()))
 
 
 @main.command("results")
@@ -252,11 +259,7 @@ def watch_cmd(directory: Path, run: str, ref: str | None, pattern: str, every_s:
         raise click.UsageError("--ref is required for FID and KID (or pass --metrics is)")
     if every_s <= 0:
         raise click.BadParameter("--every must be positive")
-    if exports:
-        from evalfarm.export import parse_target
-
-        for target in exports:
-            parse_target(target)
+    check_exports(exports, run)
     on_farm = bool(get_settings().api_url) if on_farm is None else on_farm
     backend = FarmBackend(farm_client()) if on_farm else EmbeddedBackend(weights=weights, device=device,
                                                                          progress=not quiet)
@@ -303,15 +306,10 @@ def _stop_on_signals() -> Callable[[], bool]:
 def export_cmd(run: str, targets: tuple[str, ...]) -> None:
     """Write every result of a run under its training step, where people already look: TensorBoard, MLflow
     or W&B. Exporting again adds only what is new (TensorBoard's file is written anew, sorted by step)."""
-    from evalfarm.export import export_run, parse_target
-    from evalfarm.runs import require_history
+    from evalfarm.runs import require_history, results_source
 
-    for target in targets:
-        parse_target(target)  # every target checked before anything is read or written
-    points = require_history(run)
-    for target in targets:
-        written = export_run(run, points, target)
-        click.echo(f"run {run}: {written} of {len(points)} results written to {target}")
+    check_exports(targets, run)  # every target checked before anything is read or written
+    export_history(run, targets, require_history(run, results_source()), err=False)
 
 
 @main.command("plot")
@@ -516,17 +514,48 @@ def status_cmd(job_id: str, as_json: bool) -> None:
 @click.argument("job_id")
 @click.option("--json", "json_path", help="Write the result document here ('-' for stdout).")
 @click.option("--timeout", type=float, default=None, help="Seconds; exit 2 if the job is still going.")
+@click.option("--export", "exports", multiple=True, metavar="TARGET",
+              help=f"Once it succeeded, export the job's run to {EXPORT_TARGETS}. Repeatable.")
 @_errors
-def wait_cmd(job_id: str, json_path: str | None, timeout: float | None) -> None:
+def wait_cmd(job_id: str, json_path: str | None, timeout: float | None, exports: tuple[str, ...]) -> None:
     """Block until the job ends; exit 1 if it failed or was cancelled."""
+    check_exports(exports, "the job's run")
+    farm = farm_client()
     try:
-        result = farm_client().wait(job_id, timeout=timeout)
+        result = farm.wait(job_id, timeout=timeout)
     except TimeoutError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     click.echo(format_result(result), err=json_path == "-")
     if json_path:
         write_json(json_path, result)
+    if exports:
+        if not result.get("run"):
+            raise EvalfarmError(f"job {job_id} has no run: results are exported by run (submit it with --run)")
+        from evalfarm.runs import run_history
+
+        export_history(result["run"], exports, run_history(result["run"], farm))
+
+
+def check_exports(exports: tuple[str, ...], run: str | None) -> None:
+    """Every export target valid, and a run to export, before any work starts."""
+    if not exports:
+        return
+    if not run:
+        raise click.UsageError("--export writes a run's results by step: give the run (--run)")
+    from evalfarm.export import parse_target
+
+    for target in exports:
+        parse_target(target)
+
+
+def export_history(run: str, exports: tuple[str, ...], points: list[Any], *, err: bool = True) -> None:
+    """Write the run's results (`evalfarm.runs.Point`s) to each target; stdout may hold a result document."""
+    from evalfarm.export import export_run
+
+    for target in exports:
+        written = export_run(run, points, target)
+        click.echo(f"run {run}: {written} of {len(points)} results written to {target}", err=err)
 
 
 @main.command("api")

@@ -107,7 +107,8 @@ def images_as_array(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))])
 
 
-def record_result(run: str, step: int | None, values: dict[str, float], db_url: str | None = None) -> str:
+def record_result(run: str, step: int | None, values: dict[str, float], *, finished_at: object = None,
+                  db_url: str | None = None) -> str:
     """A succeeded evaluation of `run` at `step` in the results database (this test's own, by default), written
     by the same record functions a reducer uses; returns its job id. For the tests of what reads results
     back (export, plot, dashboard), which need known values rather than featurized ones."""
@@ -124,4 +125,7 @@ def record_result(run: str, step: int | None, values: dict[str, float], db_url: 
     with sessions.begin() as s:
         s.execute(update(Job).where(Job.id == job_id).values(state=JobState.REDUCING))
     records.finish_job(sessions, job_id, values, {"job_id": job_id, "run": run, "step": step, **values})
+    if finished_at is not None:  # a history that finished at known times (and out of step order)
+        with sessions.begin() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(finished_at=finished_at))
     return job_id

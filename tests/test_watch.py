@@ -21,7 +21,7 @@ from evalfarm.errors import EvalfarmError
 from evalfarm.settings import get_settings
 from evalfarm.watch.sets import discover, parse_step, step_parser
 from evalfarm.watch.state import StateLock, WatchState
-from evalfarm.watch.watcher import ABANDONED
+from evalfarm.watch.watcher import ABANDONED, Backend, Watcher, WatchOptions
 
 from .helpers import EVALFARM, rel_err, wait_until, write_images
 
@@ -93,6 +93,33 @@ def test_a_damaged_state_file_is_a_clear_error(tmp_path):
     (tmp_path / "state.json").write_text("{not json")
     with pytest.raises(EvalfarmError, match="unreadable"):
         WatchState.load(tmp_path / "state.json", "run-a")
+
+
+class Recorder(Backend):
+    """Records which sets the watcher starts: the decision logic alone, without evaluating anything."""
+
+    embedded = True
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def start(self, s, key, opts, on_job):
+        self.started.append(s.name)
+        return {"job_id": f"job-{s.name}"}
+
+
+def test_a_set_still_growing_is_started_only_once_it_stops_changing(tmp_path):
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    watcher = Watcher(WatchOptions(root=tmp_path, run="r", ref=None), backend := Recorder(), log=lambda _: None)
+    for i in range(3):  # a writer adding a file between every two polls
+        (folder / f"{i}.png").write_bytes(b"x" * (i + 1))
+        watcher.poll()
+    assert backend.started == []
+    watcher.poll()  # unchanged since the last poll
+    assert backend.started == ["step-1"]
+    watcher.poll()
+    assert backend.started == ["step-1"]  # once
 
 
 # -- end to end: a real watcher process, killed and restarted -------------------------------------------------------
@@ -198,3 +225,40 @@ def test_a_set_that_cannot_be_read_fails_once_and_the_watch_goes_on(watched, ref
     assert sets["samples_5.npz"]["state"] == "failed" and "samples_5.npz" in sets["samples_5.npz"]["error"]
     assert sets["step-6"]["state"] == "succeeded"
     assert "Traceback" not in done.stderr
+
+
+def tensorboard_fid(logdir: Path) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars("evalfarm/frechet_inception_distance")]
+
+
+def test_a_watch_with_export_writes_each_result_at_its_step(watched, reference_dir, tmp_path):
+    new_step(watched, 20, 8, done=True)
+    logdir = tmp_path / "tb"
+    done = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once",
+                           "--every", "0.5", "--export", f"tensorboard:{logdir}", *CONFIG],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with session_factory(get_settings().db_url)() as s:
+        (job,) = s.scalars(select(Job).where(Job.run == "r")).all()
+    assert tensorboard_fid(logdir) == [(20, pytest.approx(job.result["frechet_inception_distance"], rel=1e-6))]
+
+
+def test_eval_with_export_writes_its_run_after_the_result(reference_dir, weights_path, tmp_path):
+    samples = new_step(tmp_path, 30, 8, done=False)
+    logdir = tmp_path / "tb"
+    done = subprocess.run([*EVALFARM, "eval", str(samples), "--ref", str(reference_dir), "--weights", weights_path,
+                           "--run", "e", "--step", "30", "--json", tmp_path / "r.json", "--export",
+                           f"tensorboard:{logdir}", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    fid = json.loads((tmp_path / "r.json").read_text())["frechet_inception_distance"]
+    assert tensorboard_fid(logdir) == [(30, pytest.approx(fid, rel=1e-6))]
+
+
+def test_export_without_a_run_is_refused_before_any_work(reference_dir, tmp_path):
+    done = subprocess.run([*EVALFARM, "eval", str(tmp_path / "nothing-here"), "--ref", str(reference_dir),
+                           "--export", f"tensorboard:{tmp_path}"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "give the run (--run)" in done.stderr
