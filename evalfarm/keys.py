@@ -16,6 +16,10 @@ METRIC_ALIASES = {"is": KEY_IS_MEAN, "fid": KEY_FID, "kid": KEY_KID_MEAN}
 #: job kinds: evaluate a sample set, or featurize one and register it as a named reference
 JOB_EVAL, JOB_REFERENCE = "eval", "reference"
 
+#: the first hex digits of the canonical FID-Inception file's SHA-256 (its name carries them, torch.hub style);
+#: results from any other weights are not comparable to published numbers
+CANONICAL_INCEPTION_SHA256_PREFIX = "6726825d"
+
 #: a metric's family as users name it (`--metric fid`): its value key and, where there is one, its std key
 METRIC_FAMILIES: dict[str, tuple[str, str | None]] = {
     "is": (KEY_IS_MEAN, KEY_IS_STD),

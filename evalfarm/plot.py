@@ -6,13 +6,12 @@ IS and KID carry their spread over splits/subsets as a ± std band; FID has none
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from evalfarm.errors import EvalfarmError
 from evalfarm.keys import METRIC_FAMILIES, METRIC_LABELS
-from evalfarm.runs import Point
+from evalfarm.runs import Point, series
 
 FORMATS = (".png", ".svg", ".pdf")
 DEFAULT_SIZE = (8.0, 4.5)  #: inches; at the default 150 dpi, 1200 x 675 pixels
@@ -34,14 +33,13 @@ def plot_runs(histories: Mapping[str, Sequence[Point]], family: str, out: Path, 
     except ImportError as exc:
         raise EvalfarmError("plots need matplotlib: pip install 'evalfarm[plot]'") from exc
 
-    series = {run: _series(points, family) for run, points in histories.items()}
-    empty = [run for run, s in series.items() if not s]
-    if len(empty) == len(series):
-        raise EvalfarmError(f"no result of {', '.join(map(repr, series))} has {METRIC_LABELS[family]} at a step")
+    drawn = {run: series(points, family) for run, points in histories.items()}
+    if not any(drawn.values()):
+        raise EvalfarmError(f"no result of {', '.join(map(repr, drawn))} has {METRIC_LABELS[family]} at a step")
     label = METRIC_LABELS[family]
     fig, ax = plt.subplots(figsize=DEFAULT_SIZE, layout="constrained")
     try:
-        for i, (run, s) in enumerate(series.items()):
+        for i, (run, s) in enumerate(drawn.items()):
             if not s:
                 continue
             steps = [p[0] for p in s]
@@ -61,15 +59,4 @@ def plot_runs(histories: Mapping[str, Sequence[Point]], family: str, out: Path, 
         fig.savefig(out, dpi=dpi)
     finally:
         plt.close(fig)
-    return sum(len(s) for s in series.values())
-
-
-def _series(points: Sequence[Point], family: str) -> list[tuple[int, float, float | None]]:
-    """(step, value, std) by step; results without a step or a finite value are left out."""
-    out = []
-    for p in points:
-        v = p.value(family)
-        if p.step is None or v is None or not math.isfinite(v[0]):
-            continue
-        out.append((p.step, v[0], v[1]))
-    return sorted(out, key=lambda t: t[0])
+    return sum(len(s) for s in drawn.values())

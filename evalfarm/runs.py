@@ -7,12 +7,14 @@ SQLite file). It loads neither torch nor Celery.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from evalfarm.errors import EvalfarmError
-from evalfarm.keys import METRIC_FAMILIES
+from evalfarm.keys import CANONICAL_INCEPTION_SHA256_PREFIX, METRIC_FAMILIES
 from evalfarm.settings import Settings, get_settings
 
 MAX_POINTS = 1000  #: the most results one run's history holds (the API's page bound)
@@ -34,6 +36,12 @@ class Point:
     job_id: str
     finished_at: datetime | None
     metrics: dict[str, float] = field(default_factory=dict)
+    weights_sha256: str | None = None
+
+    @property
+    def canonical_weights(self) -> bool:
+        """Whether the result came from the published FID-Inception file (else: not a publishable number)."""
+        return bool(self.weights_sha256) and self.weights_sha256.startswith(CANONICAL_INCEPTION_SHA256_PREFIX)
 
     def value(self, family: str) -> tuple[float, float | None] | None:
         """(value, std) of a metric family (`is`, `fid`, `kid`), or None when this result lacks it."""
@@ -72,10 +80,21 @@ def run_history(run: str, source: ResultsSource | None = None) -> list[Point]:
     rows = (source or results_source()).results(run=run, limit=MAX_POINTS)
     points = [
         Point(run=r["run"], step=r["step"], job_id=r["job_id"], finished_at=_time(r.get("finished_at")),
-              metrics={k: float(v) for k, v in r["metrics"].items()})
+              metrics={k: float(v) for k, v in r["metrics"].items()}, weights_sha256=r.get("weights_sha256"))
         for r in rows
     ]
     return sorted(points, key=lambda p: (p.step is None, p.step or 0, p.finished_at or _EPOCH))
+
+
+def series(points: Sequence[Point], family: str) -> list[tuple[int, float, float | None]]:
+    """(step, value, std) of one metric family, by step: what a plot of the run draws. Results without a
+    step, without this metric or with a non-finite value are left out."""
+    out = []
+    for p in points:
+        v = p.value(family)
+        if p.step is not None and v is not None and math.isfinite(v[0]):
+            out.append((p.step, v[0], v[1]))
+    return sorted(out, key=lambda t: t[0])
 
 
 def require_history(run: str, source: ResultsSource | None = None) -> list[Point]:

@@ -2,14 +2,15 @@
 
     uvicorn --factory evalfarm.api.app:create_app      (or `evalfarm api --host H --port P`)
 
-Every route that reads or changes the farm's data (`/v1/...`) needs a bearer token (`api.auth`); `/health`
-and the API's own description (`/openapi.json`, `/docs`, `/redoc` and their assets) need none: they hold
-no data, and a browser opening `/docs` cannot send a token before it has the page. What the farm may read
-is `EVALFARM_SAMPLE_ROOTS`
-and nothing else: with it unset, no path is accepted (the CLI's embedded `eval`, on the user's own machine,
-is not bound by it). Errors are JSON `{"detail": ...}`: 401/403 for who, 403 for what may be read, 404 for
-an unknown job, 409 for a conflict, 413 for a body over the bound, 422 for a field (named), 503 while the
-database or broker is unreachable.
+Every route that reads or changes the farm's data (`/v1/...`, `/metrics`) needs a bearer token (`api.auth`);
+the dashboard's pages (`/ui...`, `api.dashboard`) need a login with a `read` token, kept in a cookie that
+admits to the pages only (`api.login`). `/health` and the API's own description (`/openapi.json`, `/docs`,
+`/redoc` and their assets) need none: they hold no data, and a browser opening `/docs` cannot send a token
+before it has the page. What the farm may read is `EVALFARM_SAMPLE_ROOTS` and nothing else: with it unset,
+no path is accepted (the CLI's embedded `eval`, on the user's own machine, is not bound by it). Errors are
+JSON `{"detail": ...}`: 401/403 for who, 403 for what may be read, 404 for an unknown job, 409 for a
+conflict, 413 for a body over the bound, 422 for a field (named), 503 while the database or broker is
+unreachable (for a page, an HTML page that says so).
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from evalfarm._version import __version__
+from evalfarm.api import dashboard
 from evalfarm.api.auth import require
 from evalfarm.api.limits import MAX_BODY_BYTES, BodyLimit
+from evalfarm.api.login import LoginRequired, redirect_to_login
+from evalfarm.api.prometheus import metrics
 from evalfarm.api.schemas import CancelOutcome, Health, JobCreated, JobRequest
 from evalfarm.db import JobState
 from evalfarm.errors import Conflict, EvalfarmError, InvalidField, JobNotFound, NotAllowed
@@ -61,8 +66,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     for path, method, endpoint, status in ROUTES:
-        errors = {} if path == "/health" else ERROR_RESPONSES
-        app.add_api_route(path, endpoint, methods=[method], status_code=status, responses=errors)
+        app.add_api_route(path, endpoint, methods=[method], status_code=status, **_described(path))
+    for path, method, endpoint in PAGES:
+        app.add_api_route(path, endpoint, methods=[method], response_class=HTMLResponse, include_in_schema=False)
+    app.mount(dashboard.STATIC_PATH, StaticFiles(packages=[("evalfarm.api", "static")]), name="ui-static")
     for error, handler in ERROR_HANDLERS.items():
         app.add_exception_handler(error, handler)
     return app
@@ -152,6 +159,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     503: {"model": ErrorDetail, "description": "The farm's database or broker is unreachable: retry."},
 }
 
+
+def _described(path: str) -> dict[str, Any]:
+    """What the OpenAPI document says a route answers besides success, and in what type."""
+    if path == "/health":
+        return {"responses": {}}
+    if path == "/metrics":  # Prometheus's text format; its errors are JSON like every route's
+        errors = {code: {"description": ERROR_RESPONSES[code]["description"],
+                         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDetail"}}}}
+                  for code in (401, 403, 503)}
+        return {"responses": errors, "response_class": PlainTextResponse}
+    return {"responses": ERROR_RESPONSES}
+
+
 #: (path, method, endpoint, success status): the whole API
 ROUTES = [
     ("/health", "GET", health, 200),
@@ -161,6 +181,20 @@ ROUTES = [
     ("/v1/jobs/{job_id}/cancel", "POST", cancel_job, 200),
     ("/v1/results", "GET", list_results, 200),
     ("/v1/references", "GET", list_references, 200),
+    ("/metrics", "GET", metrics, 200),
+]
+
+#: (path, method, endpoint): the dashboard's HTML pages, out of the OpenAPI document; its stylesheet is
+#: served from the package under dashboard.STATIC_PATH
+PAGES = [
+    ("/ui", "GET", dashboard.runs_page),
+    ("/ui/login", "GET", dashboard.login_form),
+    ("/ui/login", "POST", dashboard.log_in),
+    ("/ui/logout", "POST", dashboard.log_out),
+    ("/ui/runs/{run:path}", "GET", dashboard.run_page),
+    ("/ui/compare", "GET", dashboard.compare_page),
+    ("/ui/jobs", "GET", dashboard.jobs_page),
+    ("/ui/jobs/{job_id}", "GET", dashboard.job_page),
 ]
 
 
@@ -180,8 +214,10 @@ def _detail(status: int) -> Any:
     return handler
 
 
-def _unavailable(_: Request, exc: Exception) -> JSONResponse:
+def _unavailable(request: Request, exc: Exception) -> Response:
     log.warning("farm unreachable: %s", exc)
+    if dashboard.is_page(request):
+        return dashboard.unavailable(request)
     return JSONResponse({"detail": f"the farm's database or broker is unreachable ({type(exc).__name__}); retry"},
                         status_code=503, headers={"Retry-After": "5"})
 
@@ -192,7 +228,8 @@ ERROR_HANDLERS: dict[type[Exception], Any] = {
     NotAllowed: _detail(403),
     Conflict: _detail(409),
     EvalfarmError: _detail(422),
+    LoginRequired: redirect_to_login,
     **dict.fromkeys(outage_types(), _unavailable),
 }
 
-__all__ = ["ROUTES", "create_app"]
+__all__ = ["PAGES", "ROUTES", "create_app"]

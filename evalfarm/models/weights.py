@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 
 from evalfarm.errors import WeightsError
+from evalfarm.keys import CANONICAL_INCEPTION_SHA256_PREFIX
 from evalfarm.settings import Settings
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
-CANONICAL_SHA256_PREFIX = "6726825d"  #: the name's hash prefix, as `load_state_dict_from_url(check_hash=True)` checks
+#: the name's hash prefix, as `load_state_dict_from_url(check_hash=True)` checks
+CANONICAL_SHA256_PREFIX = CANONICAL_INCEPTION_SHA256_PREFIX
 WEIGHTS_URLS = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth",

@@ -1,13 +1,16 @@
-"""What users ask the results database: a job's progress, the history of a run, the named references."""
+"""What users ask the results database: a job's progress, the history of a run, the named references, and the
+farm's totals that its dashboard and `/metrics` show. Every function here only reads."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import lazyload
 
-from evalfarm.db import Job, JobState, Reference, ShardState
+from evalfarm.db import Job, JobState, Reference, Result, Shard, ShardState
 from evalfarm.errors import InvalidField
 from evalfarm.keys import JOB_EVAL, METRIC_ALIASES, METRIC_KEYS
 from evalfarm.scheduler.job import JobSnapshot
@@ -15,6 +18,7 @@ from evalfarm.scheduler.records import Sessions, get_job, shards_of
 from evalfarm.scheduler.webhooks import callback_status
 
 MAX_LIMIT = 1000  #: the most rows one listing returns
+LIVE_STATES = (JobState.QUEUED, JobState.PLANNING, JobState.RUNNING, JobState.REDUCING)
 
 
 def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
@@ -25,9 +29,8 @@ def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
     images_total = sum(sh.stop - sh.start for sh in shards)
     images_done = sum(sh.stop - sh.start for sh in done)
     busy = sum(sh.seconds or 0.0 for sh in done)
-    rate = images_done / busy if busy else None
-    running = max(1, sum(sh.state == ShardState.RUNNING for sh in shards))
-    eta = (images_total - images_done) / rate / running if rate else None
+    running = sum(sh.state == ShardState.RUNNING for sh in shards)
+    rate, eta = _speed(images_total, images_done, busy, running, job.state)
     return {
         **_summary(job),
         "shards_done": len(done),
@@ -35,7 +38,7 @@ def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
         "images_done": images_done,
         "images_total": images_total,
         "images_per_second_per_worker": rate,
-        "eta_seconds": eta if job.state == JobState.RUNNING else None,
+        "eta_seconds": eta,
         "failures": [
             {"side": sh.side, "shard": sh.index, "attempts": sh.attempts, "error": sh.error} for sh in shards if sh.error
         ],
@@ -46,6 +49,15 @@ def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
         "result": job.result,
         "callback": callback_status(sessions, job_id, job.callback_url),
     }
+
+
+def _speed(images_total: int, images_done: int, busy_s: float, running: int,
+           state: JobState) -> tuple[float | None, float | None]:
+    """(images/s of one worker over the done shards, seconds left while running): the rate measured so far,
+    times the shards running now, spread over what is left."""
+    rate = images_done / busy_s if busy_s else None
+    eta = (images_total - images_done) / rate / max(1, running) if rate else None
+    return rate, (eta if state == JobState.RUNNING else None)
 
 
 def _summary(job: Job | JobSnapshot) -> dict[str, Any]:
@@ -124,3 +136,126 @@ def list_references(sessions: Sessions) -> list[dict[str, Any]]:
             {"name": r.name, "n": r.n, "resize": r.resize, "weights_sha256": r.weights_sha256, "uri": r.uri}
             for r in s.scalars(select(Reference).order_by(Reference.name))
         ]
+
+
+def job_detail(sessions: Sessions, job_id: str) -> dict[str, Any]:
+    """`job_status` and what a person checking a job wants besides: its settings (the stored `EvalConfig`),
+    the content hashes and sizes of its samples and reference, and when it started."""
+    status = job_status(sessions, job_id)
+    with sessions() as s:
+        job = s.get(Job, job_id, options=[lazyload(Job.shards), lazyload(Job.results)])
+        return {**status, "config": dict(job.config or {}), "mode": job.mode, "samples_sha256": job.samples_hash,
+                "reference_sha256": job.reference_hash, "n_samples": job.n_samples, "n_reference": job.n_reference,
+                "started_at": job.started_at}
+
+
+def live_jobs(sessions: Sessions, *, limit: int = 100) -> list[dict[str, Any]]:
+    """Jobs not ended (queued, planning, running, reducing), oldest first, each with its progress as
+    `job_status` reckons it (shards and images done/total, speed, ETA) and its count of shards that failed
+    an attempt, from one query."""
+    images = Shard.stop - Shard.start
+    done = Shard.state == ShardState.DONE
+    progress = (
+        select(
+            Shard.job_id,
+            func.count().label("shards_total"),
+            func.sum(case((done, 1), else_=0)).label("shards_done"),
+            func.sum(images).label("images_total"),
+            func.sum(case((done, images), else_=0)).label("images_done"),
+            func.sum(case((done, func.coalesce(Shard.seconds, 0.0)), else_=0.0)).label("busy"),
+            func.sum(case((Shard.state == ShardState.RUNNING, 1), else_=0)).label("running"),
+            func.sum(case((Shard.error.is_not(None), 1), else_=0)).label("failures"),
+        )
+        .group_by(Shard.job_id)
+        .subquery()
+    )
+    q = (
+        select(Job, progress)
+        .outerjoin(progress, progress.c.job_id == Job.id)
+        .where(Job.state.in_(LIVE_STATES))
+        .order_by(Job.created_at.asc())
+        .limit(min(limit, MAX_LIMIT))
+        .options(lazyload(Job.shards), lazyload(Job.results))
+    )
+    rows = []
+    with sessions() as s:
+        for row in s.execute(q):
+            job = row.Job
+            total, images_total, images_done = row.shards_total or 0, row.images_total or 0, row.images_done or 0
+            rate, eta = _speed(images_total, images_done, float(row.busy or 0.0), row.running or 0,
+                               JobState(job.state))
+            rows.append({**_summary(job), "shards_done": row.shards_done or 0, "shards_total": total,
+                         "images_done": images_done, "images_total": images_total,
+                         "images_per_second_per_worker": rate, "eta_seconds": eta, "failures": row.failures or 0})
+    return rows
+
+
+def ended_jobs(sessions: Sessions, *, limit: int = 20) -> list[dict[str, Any]]:
+    """The jobs that ended last (succeeded, failed or cancelled), latest first."""
+    q = (select(Job).where(Job.state.not_in(LIVE_STATES)).order_by(Job.finished_at.desc().nulls_last())
+         .limit(min(limit, MAX_LIMIT)).options(lazyload(Job.shards), lazyload(Job.results)))
+    with sessions() as s:
+        return [_summary(j) for j in s.scalars(q)]
+
+
+def list_runs(sessions: Sessions, *, limit: int = MAX_LIMIT) -> list[dict[str, Any]]:
+    """Every run with a succeeded evaluation, most recently finished first: its number of results, its last
+    step, and the metric values of the result at that step (the latest one, when results have no step)."""
+    ranked = (
+        select(
+            Job.id, Job.run, Job.step,
+            func.count().over(partition_by=Job.run).label("results"),
+            func.max(Job.finished_at).over(partition_by=Job.run).label("last_finished_at"),
+            func.row_number().over(partition_by=Job.run,
+                                   order_by=(Job.step.desc().nulls_last(), Job.finished_at.desc())).label("rank"),
+        )
+        .where(Job.state == JobState.SUCCEEDED, Job.kind == JOB_EVAL, Job.run.is_not(None))
+        .subquery()
+    )
+    q = (select(ranked).where(ranked.c.rank == 1)
+         .order_by(ranked.c.last_finished_at.desc().nulls_last(), ranked.c.run).limit(min(limit, MAX_LIMIT)))
+    with sessions() as s:
+        latest = s.execute(q).all()
+        values: dict[str, dict[str, float]] = {}
+        ids = [r.id for r in latest]
+        for job_id, name, value in s.execute(select(Result.job_id, Result.name, Result.value)
+                                             .where(Result.job_id.in_(ids))):
+            values.setdefault(job_id, {})[name] = value
+    return [{"run": r.run, "results": r.results, "last_step": r.step, "last_finished_at": r.last_finished_at,
+             "job_id": r.id, "metrics": values.get(r.id, {})} for r in latest]
+
+
+@dataclass(frozen=True)
+class FarmTotals:
+    """The farm's counts at one moment, from the database: what `/metrics` exports."""
+
+    jobs_by_state: dict[JobState, int]
+    """Every state, with 0 where no job is in it."""
+    shards_done: int
+    shards_failed: int
+    """Shards that failed for good (their job failed with them); shards of cancelled jobs do not count."""
+    images_featurized: int
+    """Images in done shards: what the workers featurized (a cached reference is not featurized again)."""
+    oldest_heartbeat: datetime | None
+    """The oldest last heartbeat among running shards and planning/reducing jobs; None when none holds a lease."""
+
+
+def farm_totals(sessions: Sessions) -> FarmTotals:
+    """Jobs by state, shards done and failed, images featurized and the oldest live lease, in four queries."""
+    images = Shard.stop - Shard.start
+    with sessions() as s:
+        by_state = dict.fromkeys(JobState, 0)
+        for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
+            by_state[JobState(state)] = n
+        done, images_done = s.execute(
+            select(func.count(), func.coalesce(func.sum(images), 0)).where(Shard.state == ShardState.DONE)
+        ).one()
+        failed = s.scalar(
+            select(func.count()).select_from(Shard).join(Job, Job.id == Shard.job_id)
+            .where(Shard.state == ShardState.FAILED, Job.state != JobState.CANCELLED)
+        )
+        shard_beat = s.scalar(select(func.min(Shard.heartbeat_at)).where(Shard.state == ShardState.RUNNING))
+        job_beat = s.scalar(select(func.min(Job.heartbeat_at))
+                            .where(Job.state.in_((JobState.PLANNING, JobState.REDUCING))))
+    beats = [t for t in (shard_beat, job_beat) if t is not None]
+    return FarmTotals(by_state, done, failed or 0, int(images_done), min(beats) if beats else None)
