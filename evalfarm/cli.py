@@ -234,6 +234,7 @@ def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> No
               help="State file (default: DIRECTORY/.evalfarm-watch-RUN.json).")
 @click.option("--export", "exports", multiple=True, metavar="TARGET",
               help=f"After each result, export the run to {EXPORT_TARGETS}. Repeatable.")
+@click.option("--retry-failed", is_flag=True, help="Evaluate again the sets whose job failed (after fixing the cause).")
 @click.option("--farm/--embedded", "on_farm", default=None,
               help="Submit to the farm, or evaluate here (default: the farm when EVALFARM_API_URL is set).")
 @metric_options
@@ -243,7 +244,7 @@ def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> No
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors
 def watch_cmd(directory: Path, run: str, ref: str | None, pattern: str, every_s: float, step_regex: str | None,
-              once: bool, state_path: Path | None, exports: tuple[str, ...], on_farm: bool | None,
+              once: bool, state_path: Path | None, exports: tuple[str, ...], retry_failed: bool, on_farm: bool | None,
               weights: str | None, device: str | None, tags: tuple[str, ...], quiet: bool, **kw: Any) -> None:
     """Evaluate each new complete sample set under DIRECTORY once, as a sidecar of a training job.
 
@@ -266,7 +267,7 @@ def watch_cmd(directory: Path, run: str, ref: str | None, pattern: str, every_s:
     opts = WatchOptions(
         root=directory.resolve(), run=run, ref=ref and (submitted_path(ref) if on_farm else ref), config=config,
         pattern=pattern, every_s=every_s, step_regex=step_regex, state_path=state_path, tags=parse_tags(tags),
-        exports=exports,
+        exports=exports, retry_failed=retry_failed,
     )
     stopping = _stop_on_signals()
     where = "on the farm" if on_farm else "here"

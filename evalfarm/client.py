@@ -119,9 +119,11 @@ class Client:
     def jobs(self, *, run: str | None = None, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/jobs", query={"run": run, "state": state, "limit": limit})
 
-    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Succeeded evaluations, as `evalfarm results` lists them."""
-        return self._request("GET", "/v1/results", query={"run": run, "metric": metric, "limit": limit})
+    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50,
+                offset: int = 0) -> list[dict[str, Any]]:
+        """Succeeded evaluations, as `evalfarm results` lists them; `offset` pages through a long history."""
+        return self._request("GET", "/v1/results", query={"run": run, "metric": metric, "limit": limit,
+                                                          "offset": offset or None})
 
     def references(self) -> list[dict[str, Any]]:
         return self._request("GET", "/v1/references")

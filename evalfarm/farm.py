@@ -157,9 +157,10 @@ class Farm:
     def jobs(self, *, run: str | None = None, state: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         return queries.list_jobs(self.ctx.sessions, run=run, state=JobState(state) if state else None, limit=limit)
 
-    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        """Succeeded evaluations, as `evalfarm results` lists them."""
-        return queries.query_results(self.ctx.sessions, run=run, metric=metric, limit=limit)
+    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50,
+                offset: int = 0) -> list[dict[str, Any]]:
+        """Succeeded evaluations, as `evalfarm results` lists them; `offset` pages through a long history."""
+        return queries.query_results(self.ctx.sessions, run=run, metric=metric, limit=limit, offset=offset)
 
     def references(self) -> list[dict[str, Any]]:
         return queries.list_references(self.ctx.sessions)

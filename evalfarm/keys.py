@@ -20,6 +20,11 @@ JOB_EVAL, JOB_REFERENCE = "eval", "reference"
 #: results from any other weights are not comparable to published numbers
 CANONICAL_INCEPTION_SHA256_PREFIX = "6726825d"
 
+
+def is_canonical_inception(weights_sha256: str | None) -> bool:
+    """Whether numbers computed with these weights are publishable FID/IS/KID values."""
+    return bool(weights_sha256) and weights_sha256.startswith(CANONICAL_INCEPTION_SHA256_PREFIX)
+
 #: a metric's family as users name it (`--metric fid`): its value key and, where there is one, its std key
 METRIC_FAMILIES: dict[str, tuple[str, str | None]] = {
     "is": (KEY_IS_MEAN, KEY_IS_STD),

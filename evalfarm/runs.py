@@ -14,16 +14,17 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from evalfarm.errors import EvalfarmError
-from evalfarm.keys import CANONICAL_INCEPTION_SHA256_PREFIX, METRIC_FAMILIES
+from evalfarm.keys import METRIC_FAMILIES, is_canonical_inception
 from evalfarm.settings import Settings, get_settings
 
-MAX_POINTS = 1000  #: the most results one run's history holds (the API's page bound)
+PAGE = 1000  #: results read per request (the API's bound on one page)
 
 
 class ResultsSource(Protocol):
     """Anything with the `results` method of `evalfarm.client.Client` and `evalfarm.farm.Farm`."""
 
-    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50,
+                offset: int = 0) -> list[dict[str, Any]]:
         ...
 
 
@@ -41,7 +42,7 @@ class Point:
     @property
     def canonical_weights(self) -> bool:
         """Whether the result came from the published FID-Inception file (else: not a publishable number)."""
-        return bool(self.weights_sha256) and self.weights_sha256.startswith(CANONICAL_INCEPTION_SHA256_PREFIX)
+        return is_canonical_inception(self.weights_sha256)
 
     def value(self, family: str) -> tuple[float, float | None] | None:
         """(value, std) of a metric family (`is`, `fid`, `kid`), or None when this result lacks it."""
@@ -59,10 +60,11 @@ class DatabaseResults:
 
         self.sessions = session_factory((settings or get_settings()).db_url)
 
-    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    def results(self, *, run: str | None = None, metric: str | None = None, limit: int = 50,
+                offset: int = 0) -> list[dict[str, Any]]:
         from evalfarm.scheduler.queries import query_results
 
-        return query_results(self.sessions, run=run, metric=metric, limit=limit)
+        return query_results(self.sessions, run=run, metric=metric, limit=limit, offset=offset)
 
 
 def results_source(settings: Settings | None = None) -> ResultsSource:
@@ -76,8 +78,20 @@ def results_source(settings: Settings | None = None) -> ResultsSource:
 
 
 def run_history(run: str, source: ResultsSource | None = None) -> list[Point]:
-    """The run's succeeded evaluations, sorted by step (results without a step last, by finish time)."""
-    rows = (source or results_source()).results(run=run, limit=MAX_POINTS)
+    """The run's succeeded evaluations, all of them, sorted by step (results without a step last, by finish
+    time)."""
+    if not run:
+        raise EvalfarmError("a run name is needed (an empty name would read every run's results as one)")
+    source = source or results_source()
+    rows: list[dict[str, Any]] = []
+    while True:
+        page = source.results(run=run, limit=PAGE, offset=len(rows))
+        if page and page[0]["job_id"] in {r["job_id"] for r in rows}:  # a server that ignores `offset`
+            raise EvalfarmError(f"run {run!r} has more than {PAGE} results and the farm's API does not page "
+                                "through them: upgrade its server")
+        rows += page
+        if len(page) < PAGE:
+            break
     points = [
         Point(run=r["run"], step=r["step"], job_id=r["job_id"], finished_at=_time(r.get("finished_at")),
               metrics={k: float(v) for k, v in r["metrics"].items()}, weights_sha256=r.get("weights_sha256"))

@@ -66,7 +66,7 @@ def reset_services() -> None:
     url = DATABASE_URL.replace("postgresql://", "postgresql+psycopg://", 1)
     engine = sqlalchemy.create_engine(url)
     with engine.begin() as c:
-        c.exec_driver_sql('DROP TABLE IF EXISTS deliveries, tokens, results, shards, "references", reference_builds, jobs, '
+        c.exec_driver_sql('DROP TABLE IF EXISTS counters, deliveries, tokens, results, shards, "references", reference_builds, jobs, '
                           'alembic_version CASCADE')
     engine.dispose()
     from evalfarm.db import session as db_session
@@ -211,3 +211,12 @@ class TcpProxy:
                 s.close()
             except OSError:
                 pass
+
+
+def create_token(env: dict[str, str], name: str, scopes: str) -> str:
+    """`evalfarm token create NAME --scopes SCOPES` as an operator runs it; the token it prints."""
+    from .helpers import run_cli
+
+    out = run_cli("token", "create", name, "--scopes", scopes, env=env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]

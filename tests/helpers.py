@@ -108,7 +108,7 @@ def images_as_array(folder: Path) -> np.ndarray:
 
 
 def record_result(run: str, step: int | None, values: dict[str, float], *, finished_at: object = None,
-                  db_url: str | None = None) -> str:
+                  weights_sha256: str | None = None, db_url: str | None = None) -> str:
     """A succeeded evaluation of `run` at `step` in the results database (this test's own, by default), written
     by the same record functions a reducer uses; returns its job id. For the tests of what reads results
     back (export, plot, dashboard), which need known values rather than featurized ones."""
@@ -120,7 +120,8 @@ def record_result(run: str, step: int | None, values: dict[str, float], *, finis
     from evalfarm.settings import get_settings
 
     sessions = session_factory(db_url or get_settings().db_url)
-    request = records.Submission(f"/samples/{run}/{step}.npz", "/reference.npz", EvalConfig(), run=run, step=step)
+    request = records.Submission(f"/samples/{run}/{step}.npz", "/reference.npz", EvalConfig(), run=run, step=step,
+                                 weights_sha256=weights_sha256)
     job_id = records.create_job(sessions, request, mode="embedded").job_id
     with sessions.begin() as s:
         s.execute(update(Job).where(Job.id == job_id).values(state=JobState.REDUCING))

@@ -30,7 +30,7 @@ from evalfarm.scheduler.references import NamedReference
 from evalfarm.settings import Settings
 from evalfarm.workers.registry import held_weights
 
-from .farm import DATABASE_URL, REDIS_URL, ApiServer, Worker, farm_env, require_services, reset_services
+from .farm import DATABASE_URL, REDIS_URL, ApiServer, Worker, create_token, farm_env, require_services, reset_services
 from .helpers import in_home, run_cli, wait_until, write_images
 from .listener import Listener
 
@@ -65,10 +65,6 @@ class Service:
         return len(self.farm.jobs(limit=1000))
 
 
-def create_token(env: dict[str, str], name: str, scopes: str) -> str:
-    out = run_cli("token", "create", name, "--scopes", scopes, env=env)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ PACKAGE = Path(evalfarm.__file__).parent
 
 #: each layer may import its own and lower layers only; `evalfarm/__init__.py` is the public facade above all
 RANK = {
-    "_version": 0, "states": 0, "config": 0, "settings": 0, "errors": 0, "keys": 0,
+    "_version": 0, "states": 0, "config": 0, "settings": 0, "errors": 0, "keys": 0, "atomic": 0,
     "sources": 1, "models": 2, "metrics": 3, "db": 3, "pipeline": 4, "scheduler": 5,
     "workers": 6, "farm": 6, "client": 6, "runs": 6, "api": 7, "export": 7, "plot": 7, "watch": 7, "cli": 8,
 }

@@ -25,7 +25,17 @@ from evalfarm.keys import METRIC_FAMILIES
 from evalfarm.scheduler import records
 from evalfarm.scheduler.job import FARM
 
-from .farm import DATABASE_URL, REDIS_URL, ApiServer, TcpProxy, Worker, farm_env, require_services, reset_services
+from .farm import (
+    DATABASE_URL,
+    REDIS_URL,
+    ApiServer,
+    TcpProxy,
+    Worker,
+    create_token,
+    farm_env,
+    require_services,
+    reset_services,
+)
 from .helpers import run_cli, write_images
 
 pytestmark = [pytest.mark.farm, pytest.mark.service]
@@ -53,10 +63,6 @@ class Dash:
     reader: Client
 
 
-def create_token(env: dict[str, str], name: str, scopes: str) -> str:
-    out = run_cli("token", "create", name, "--scopes", scopes, env=env)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +161,13 @@ def test_a_wrong_token_gets_the_form_again_with_401_and_no_cookie(dash):
     answer = fetch(dash, "/ui/login", method="POST", form={"token": "evf_" + "x" * 43, "next": f"/ui/runs/{RUN}"})
     assert answer.status == 401 and answer.cookies == []
     assert "not valid" in answer.text and f'value="/ui/runs/{RUN}"' in answer.text
+
+
+def test_a_token_that_can_do_more_than_read_cannot_log_in(dash):
+    answer = fetch(dash, "/ui/login", method="POST", form={"token": dash.tokens["trainer"]})
+    assert answer.status == 401 and answer.cookies == []
+    assert "--scopes read" in answer.text
+    assert fetch(dash, "/ui", token=dash.tokens["trainer"]).status == 303  # nor open a page as a cookie
 
 
 def test_a_revoked_token_cannot_log_in_and_its_cookie_stops_working(dash):

@@ -21,7 +21,7 @@ import pytest
 
 from evalfarm.errors import EvalfarmError
 from evalfarm.export import TARGET_FORMS, Target, export_run, parse_target
-from evalfarm.export.wandb import default_run_id, ledger_path
+from evalfarm.export.wandb import default_run_id
 from evalfarm.keys import KEY_FID, KEY_IS_MEAN, KEY_IS_STD, KEY_KID_MEAN, KEY_KID_STD, METRIC_KEYS
 from evalfarm.runs import Point, run_history
 
@@ -106,10 +106,11 @@ def test_tensorboard_export_again_keeps_one_evalfarm_file_with_each_step_once(hi
 def test_tensorboard_a_step_finished_late_reads_back_sorted(history: list[Point], logdir: Path) -> None:
     export_run(RUN, history, f"tensorboard:{logdir}")
     assert export_run(RUN, add_step_between(), f"tensorboard:{logdir}") == 4
-    assert tb_scalars(logdir, f"evalfarm/{KEY_FID}")[:3] == [
+    assert tb_scalars(logdir, f"evalfarm/{KEY_FID}") == [
         (1000, f32(value_of(1000, KEY_FID)), finish_time(1000).timestamp()),
         (1500, f32(value_of(1500, KEY_FID)), (T0 + timedelta(minutes=20)).timestamp()),
         (2000, f32(value_of(2000, KEY_FID)), finish_time(2000).timestamp()),
+        (3000, f32(value_of(3000, KEY_FID)), finish_time(3000).timestamp()),
     ]
     assert len(evalfarm_files(logdir)) == 1
 
@@ -288,13 +289,16 @@ def test_wandb_logs_into_the_run_id_the_target_names(history: list[Point], wandb
     assert [r["evalfarm/step"] for r in wandb_history(wandb_dir, "my-run_1")] == [1000, 2000, 3000]
 
 
-def test_wandb_export_again_logs_only_new_results(history: list[Point], wandb_dir: Path) -> None:
+def test_wandb_offline_each_export_holds_the_whole_history(history: list[Point], wandb_dir: Path) -> None:
+    """`wandb sync` of several offline runs with one id keeps the last one synced, not their union: so the
+    newest offline run alone must hold every result, in step order."""
     export_run(RUN, history, "wandb:gan-project")
-    assert export_run(RUN, history, "wandb:gan-project") == 0
-    assert export_run(RUN, add_step_between(), "wandb:gan-project") == 1
-    assert [r["evalfarm/step"] for r in wandb_history(wandb_dir, default_run_id(RUN))] == [1000, 2000, 3000, 1500]
-    ledger = json.loads(ledger_path("gan-project", default_run_id(RUN)).read_text())
-    assert sorted(ledger["job_ids"]) == sorted(p.job_id for p in run_history(RUN))
+    assert export_run(RUN, add_step_between(), "wandb:gan-project") == 4
+    newest = sorted(wandb_dir.glob("wandb/offline-run-*"))[-1]
+    rows = [{item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+            for path in newest.glob("*.wandb") for r in wandb_records(path)
+            if r.WhichOneof("record_type") == "history"]
+    assert [r["evalfarm/step"] for r in rows] == [1000, 1500, 2000, 3000]
 
 
 def wandb_processes() -> list[str]:

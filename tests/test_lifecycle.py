@@ -39,6 +39,7 @@ from evalfarm.scheduler.ends import cancel_job, fail_job, sweep
 from evalfarm.scheduler.job import EMBEDDED
 from evalfarm.scheduler.partials import MemoryPartials, PartialStore
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES
+from evalfarm.scheduler.queries import farm_totals
 from evalfarm.scheduler.records import ShardClaim
 from evalfarm.scheduler.steps import (
     MAX_ATTEMPTS,
@@ -236,6 +237,12 @@ def find_lost_work(ctx: Context, *, broker_lost: bool = False) -> deadlines.Lost
 # -- recovery of lost partials -------------------------------------------------------------------------------------
 
 
+def counted(ctx: Context) -> tuple[int, int]:
+    """The farm's counters of shards done and images featurized (what /metrics exports)."""
+    totals = farm_totals(ctx.sessions)
+    return totals.shards_done, totals.images_featurized
+
+
 def test_a_lost_partial_is_recomputed_and_gives_the_undisturbed_numbers(
     ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor, expected: dict[str, float]
 ) -> None:
@@ -253,8 +260,10 @@ def test_a_lost_partial_is_recomputed_and_gives_the_undisturbed_numbers(
     assert job.plan.recomputes == 1
     assert states(ctx, job_id) == {key: ShardState.PENDING if key == (SAMPLES, 1) else ShardState.DONE
                                    for key in ALL_SHARDS}
+    assert counted(ctx) == (5, SAMPLE_COUNT + REFERENCE_COUNT)  # a counter never goes back
 
     assert run(ctx, job_id, (SAMPLES, 1), extractor) is True
+    assert counted(ctx) == (6, SAMPLE_COUNT + REFERENCE_COUNT + 3)  # the recomputed shard was featurized again
     result = reduce_job(ctx, job_id).result
     assert set(metrics_of(result)) == set(METRIC_KEYS)
     assert_reproduces(result, expected)
@@ -314,6 +323,7 @@ def test_a_duplicate_delivery_of_a_done_shard_is_counted_once(
     assert run(ctx, job_id, (SAMPLES, 0), extractor) is False  # redelivered while the job runs
     again = rows(ctx, job_id)[(SAMPLES, 0)]
     assert (again.state, again.attempts, again.finished_at) == (ShardState.DONE, 1, first.finished_at)
+    assert counted(ctx) == (1, 3)
     assert ctx.partials.get(job_id, SAMPLES, 0, features=True) is partial
 
     # Exactly one of the remaining shards moves the job to `reducing`, and a late duplicate then does nothing.

@@ -21,8 +21,8 @@ from evalfarm.db.models import utcnow
 from evalfarm.farm import Farm
 from evalfarm.settings import Settings
 
-from .farm import DATABASE_URL, REDIS_URL, ApiServer, Worker, farm_env, require_services, reset_services
-from .helpers import run_cli, write_images
+from .farm import DATABASE_URL, REDIS_URL, ApiServer, Worker, create_token, farm_env, require_services, reset_services
+from .helpers import write_images
 
 pytestmark = [pytest.mark.farm, pytest.mark.service]
 
@@ -50,10 +50,6 @@ class Scraped:
             self.worker = None
 
 
-def create_token(env: dict[str, str], name: str, scopes: str) -> str:
-    out = run_cli("token", "create", name, "--scopes", scopes, env=env)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
 
 
 @pytest.fixture(scope="module")

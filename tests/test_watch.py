@@ -32,9 +32,14 @@ CONFIG = ["--kid-subset-size", "6", "--kid-subsets", "4", "--splits", "2", "--qu
 
 
 @pytest.mark.parametrize(("name", "step"), [("samples_120000.npz", 120000), ("step-120000", 120000),
-                                            ("ckpt_v2_step_5000.tar.gz", 5000), ("final", None)])
-def test_the_step_is_the_last_number_of_the_name(name, step):
+                                            ("ckpt_v2_step_5000.tar.gz", 5000), ("step-1000-ema0.9999", 1000),
+                                            ("samples_split3_1000", None), ("final", None)])
+def test_the_step_follows_a_step_word_or_is_the_only_number(name, step):
     assert parse_step(name, step_parser(None)) == step
+
+
+def test_a_name_with_several_numbers_and_no_step_word_has_no_step_rather_than_a_guess():
+    assert parse_step("samples_120000_64x64.npz", step_parser(None)) is None
 
 
 def test_a_step_regex_takes_its_first_group():
@@ -52,9 +57,18 @@ def test_only_sample_sets_matching_the_pattern_are_candidates(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "samples_7000").mkdir()
     (tmp_path / "samples_final.npz").write_bytes(b"x")
-    found, stepless = discover(tmp_path, "samples_*", step_parser(None))
+    found, skipped = discover(tmp_path, "samples_*", step_parser(None))
     assert [(s.name, s.step) for s in found] == [("samples_1000.npz", 1000), ("samples_7000", 7000)]
-    assert stepless == ["samples_final.npz"]
+    assert list(skipped) == ["samples_final.npz"]
+
+
+def test_sets_that_share_a_step_are_all_left_out_naming_each_other(tmp_path):
+    for name in ("samples_1000.npz", "samples_1000_ema.npz", "samples_2000.npz"):
+        (tmp_path / name).write_bytes(b"x")
+    found, skipped = discover(tmp_path, "*", step_parser(None))
+    assert [s.name for s in found] == ["samples_2000.npz"]
+    assert set(skipped) == {"samples_1000.npz", "samples_1000_ema.npz"}
+    assert "samples_1000.npz, samples_1000_ema.npz" in skipped["samples_1000.npz"]
 
 
 def test_a_done_marker_beside_a_file_or_inside_a_folder_completes_it(tmp_path):
@@ -111,7 +125,8 @@ class Recorder(Backend):
 def test_a_set_still_growing_is_started_only_once_it_stops_changing(tmp_path):
     folder = tmp_path / "step-1"
     folder.mkdir()
-    watcher = Watcher(WatchOptions(root=tmp_path, run="r", ref=None), backend := Recorder(), log=lambda _: None)
+    watcher = Watcher(WatchOptions(root=tmp_path, run="r", ref=None, every_s=0), backend := Recorder(),
+                      log=lambda _: None)
     for i in range(3):  # a writer adding a file between every two polls
         (folder / f"{i}.png").write_bytes(b"x" * (i + 1))
         watcher.poll()
@@ -120,6 +135,20 @@ def test_a_set_still_growing_is_started_only_once_it_stops_changing(tmp_path):
     assert backend.started == ["step-1"]
     watcher.poll()
     assert backend.started == ["step-1"]  # once
+
+
+def test_a_restarted_watcher_waits_a_poll_interval_before_it_trusts_the_last_signature(tmp_path):
+    folder = tmp_path / "step-1"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(b"x")
+    opts = WatchOptions(root=tmp_path, run="r", ref=None, every_s=60)
+    Watcher(opts, Recorder(), log=lambda _: None).poll()
+    restarted = Watcher(opts, backend := Recorder(), log=lambda _: None)
+    restarted.poll()  # a moment later: the writer may be between two files
+    assert backend.started == []
+    restarted.state.seen_at -= 61
+    restarted.poll()
+    assert backend.started == ["step-1"]
 
 
 # -- end to end: a real watcher process, killed and restarted -------------------------------------------------------
@@ -214,6 +243,32 @@ def test_once_evaluates_what_is_there_and_exits(watched, reference_dir, tmp_path
     assert again.returncode == 0 and "is complete" not in again.stderr  # already evaluated: nothing to do
 
 
+def test_a_watcher_that_lost_its_state_adopts_what_was_evaluated_and_exports_to_a_new_target(watched, reference_dir,
+                                                                                               tmp_path):
+    new_step(watched, 10, 8, done=True)
+    args = [*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once", "--every", "0.5",
+            *CONFIG]
+    assert subprocess.run(args, capture_output=True, text=True, timeout=300).returncode == 0
+    (watched / ".evalfarm-watch-r.json").unlink()
+    logdir = tmp_path / "tb"
+    again = subprocess.run([*args, "--export", f"tensorboard:{logdir}"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "step-10 was evaluated already" in again.stderr
+    with session_factory(get_settings().db_url)() as s:
+        (job,) = s.scalars(select(Job).where(Job.run == "r")).all()  # one job: nothing evaluated twice
+    assert tensorboard_fid(logdir) == [(10, pytest.approx(job.result["frechet_inception_distance"], rel=1e-6))]
+
+
+def test_a_problem_of_the_watch_itself_stops_it_and_marks_no_set_failed(watched, reference_dir, tmp_path):
+    new_step(watched, 10, 8, done=True)
+    done = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once",
+                           "--weights", tmp_path / "missing.pth", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "missing.pth" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert state_of(watched / ".evalfarm-watch-r.json") == {}  # fixed and started again, it evaluates the set
+
+
 def test_a_set_that_cannot_be_read_fails_once_and_the_watch_goes_on(watched, reference_dir):
     (watched / "samples_5.npz").write_bytes(b"not an npz")
     (watched / "samples_5.npz.DONE").touch()
@@ -225,6 +280,10 @@ def test_a_set_that_cannot_be_read_fails_once_and_the_watch_goes_on(watched, ref
     assert sets["samples_5.npz"]["state"] == "failed" and "samples_5.npz" in sets["samples_5.npz"]["error"]
     assert sets["step-6"]["state"] == "succeeded"
     assert "Traceback" not in done.stderr
+
+    again = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", str(reference_dir), "--once",
+                            "--every", "0.5", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0  # the exit status tells of this watch's failures, not of earlier ones
 
 
 def tensorboard_fid(logdir: Path) -> list[tuple[int, float]]:

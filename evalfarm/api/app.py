@@ -133,9 +133,10 @@ def cancel_job(job_id: uuid.UUID, who: Principal = Depends(require(SUBMIT)), f: 
 
 
 def list_results(run: str | None = None, metric: str | None = None, limit: int = Limit,
-                 _: Principal = Depends(require(READ)), f: Farm = Depends(farm)) -> list[dict[str, Any]]:
-    """Succeeded evaluations; with a run, ordered by step."""
-    return f.results(run=run, metric=metric, limit=limit)
+                 offset: int = Query(0, ge=0), _: Principal = Depends(require(READ)),
+                 f: Farm = Depends(farm)) -> list[dict[str, Any]]:
+    """Succeeded evaluations; with a run, ordered by step; `offset` pages through a long history."""
+    return f.results(run=run, metric=metric, limit=limit, offset=offset)
 
 
 def list_references(_: Principal = Depends(require(READ)), f: Farm = Depends(farm)) -> list[dict[str, Any]]:

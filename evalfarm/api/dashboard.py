@@ -71,7 +71,8 @@ async def log_in(request: Request) -> Response:
     token = fields.get("token", "")
     if await login.log_in(request, token) is None:
         return render(request, "login.html", None, next=next_path, status=401,
-                      error="That token is not valid: unknown, revoked, or without the read scope.")
+                      error="That token is not valid here: unknown, revoked, or able to do more than read. Log in "
+                            "with a token that only reads: evalfarm token create NAME --scopes read")
     response = RedirectResponse(next_path, status_code=303)
     login.set_login_cookie(response, request, token)
     return response

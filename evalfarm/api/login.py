@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from evalfarm.scheduler.tokens import READ, Principal, authenticate
+from evalfarm.scheduler.tokens import READ, SUBMIT, Principal, authenticate
 
 COOKIE = "evalfarm_token"
 COOKIE_MAX_AGE_S = 12 * 3600  #: a browser forgets the token after this long (or when the token is revoked)
@@ -50,11 +50,12 @@ def viewer(request: Request) -> Principal:
 
 
 def check_token(request: Request, token: str) -> Principal | None:
-    """The principal of `token` when it is active and may read, else None."""
+    """The principal of `token` when it is active and only reads, else None: a browser keeps the cookie for
+    hours, so it must not hold a token that could submit or cancel jobs."""
     if not token or len(token) > MAX_TOKEN_CHARS:
         return None
     who = authenticate(request.app.state.farm.ctx.sessions, token)
-    return who if who is not None and who.allows(READ) else None
+    return who if who is not None and who.allows(READ) and not who.allows(SUBMIT) else None
 
 
 def safe_next(value: str | None) -> str:

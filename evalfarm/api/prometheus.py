@@ -1,9 +1,10 @@
 """`/metrics`: the farm's state in Prometheus's text format, read from the database and the broker at each scrape.
 
 Nothing is counted in this process: the API may run as several processes, and a scrape may reach any of
-them, so every value comes from Postgres (jobs, shards, leases) and Redis (the queues) when it is asked
-for. The counters are counts of rows that only ever grow (done shards stay done), so `rate()` over them
-is the farm's throughput, e.g. `rate(evalfarm_images_featurized_total[5m])` images per second.
+them, so every value comes from Postgres (jobs, leases, the `counters` table) and Redis (the queues) when it
+is asked for. The counters are written in the transaction of the event they count (a shard finished, a
+shard failed for good) and only grow, so `rate()` over them is the farm's throughput, e.g.
+`rate(evalfarm_images_featurized_total[5m])` images per second.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from evalfarm.states import DeliveryState, JobState, ShardState, _State
@@ -174,3 +174,18 @@ class Delivery(Base):
     next_at: Mapped[datetime]
     """When the next attempt is due; while an attempt runs, when it is presumed lost (its lease)."""
     delivered_at: Mapped[datetime | None]
+
+
+SHARDS_DONE, SHARDS_FAILED, IMAGES_FEATURIZED = "shards_done", "shards_failed", "images_featurized"
+COUNTERS = (SHARDS_DONE, SHARDS_FAILED, IMAGES_FEATURIZED)
+
+
+class Counter(Base):
+    """A farm-wide total that only grows, written in the transaction of the event it counts (a shard done, a
+    shard failed for good): Prometheus's counters. Shard rows cannot serve: a recompute sets a done shard
+    back to pending, and a side planned again deletes its shards."""
+
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -2,23 +2,25 @@
 
 W&B's own step must only grow, and a run resumed by another process may be far past the training steps, so
 results are logged against the custom x axis `evalfarm/step`, in step order, with their finish time as the
-row's wall time. W&B (offline above all) cannot be asked what an earlier export logged, so a ledger of the
-exported job ids per (project, run id) lives in the evalfarm home; only results missing from it are logged.
-The user's WANDB_MODE, WANDB_DIR, WANDB_ENTITY... are honoured as they are.
+row's wall time. Online, W&B cannot cheaply be asked what an earlier export logged, so a ledger of the
+exported job ids per (project, run id) lives in the evalfarm home and only results missing from it are
+logged into the resumed run. Offline, every export is an offline run directory of its own, and `wandb sync`
+of several directories with one id keeps the last one synced rather than appending: so an offline export
+logs the whole history every time, and the newest directory alone is complete. The user's WANDB_MODE,
+WANDB_DIR, WANDB_ENTITY... are honoured as they are.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evalfarm.atomic import atomic_write
 from evalfarm.errors import EvalfarmError
 from evalfarm.export import WANDB_RUN_ID, metric_name, missing, wall_time
 from evalfarm.settings import get_settings
@@ -40,7 +42,7 @@ def export(run: str, points: Sequence[Point], target: Target) -> int:
 
     run_id = target.name or default_run_id(run)
     ledger = ledger_path(target.location, run_id)
-    done = read_ledger(ledger)
+    done = set() if offline() else read_ledger(ledger)
     new = [p for p in points if p.job_id not in done]
     if not new:
         return 0
@@ -65,6 +67,11 @@ def export(run: str, points: Sequence[Point], target: Target) -> int:
         _stop_service()
     write_ledger(ledger, target.location, run_id, done | {p.job_id for p in new})
     return len(new)
+
+
+def offline() -> bool:
+    """Whether W&B runs offline here (WANDB_MODE=offline, or its older name dryrun)."""
+    return os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun")
 
 
 def default_run_id(run: str) -> str:
@@ -97,15 +104,7 @@ def write_ledger(path: Path, project: str, run_id: str, job_ids: set[str]) -> No
     """Written whole to a temporary file and renamed over the old one: a crash leaves one or the other."""
     path.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({"project": project, "run_id": run_id, "job_ids": sorted(job_ids)}, indent=1)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(body)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, body.encode(), durable=False)
 
 
 def _stop_service() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from evalfarm.errors import WeightsError
-from evalfarm.keys import CANONICAL_INCEPTION_SHA256_PREFIX
+from evalfarm.keys import CANONICAL_INCEPTION_SHA256_PREFIX, is_canonical_inception
 from evalfarm.settings import Settings
 
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -41,7 +41,7 @@ class Weights:
     @property
     def canonical(self) -> bool:
         """True for the published file; numbers from any other file are not comparable to published FIDs."""
-        return self.sha256.startswith(CANONICAL_SHA256_PREFIX)
+        return is_canonical_inception(self.sha256)
 
 
 def file_sha256(path: Path) -> str:

@@ -10,7 +10,8 @@ from typing import Any
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import lazyload
 
-from evalfarm.db import Job, JobState, Reference, Result, Shard, ShardState
+from evalfarm.db import Counter, Job, JobState, Reference, Result, Shard, ShardState
+from evalfarm.db.models import IMAGES_FEATURIZED, SHARDS_DONE, SHARDS_FAILED
 from evalfarm.errors import InvalidField
 from evalfarm.keys import JOB_EVAL, METRIC_ALIASES, METRIC_KEYS
 from evalfarm.scheduler.job import JobSnapshot
@@ -18,7 +19,7 @@ from evalfarm.scheduler.records import Sessions, get_job, shards_of
 from evalfarm.scheduler.webhooks import callback_status
 
 MAX_LIMIT = 1000  #: the most rows one listing returns
-LIVE_STATES = (JobState.QUEUED, JobState.PLANNING, JobState.RUNNING, JobState.REDUCING)
+LIVE_STATES = tuple(s for s in JobState if not s.final)
 
 
 def job_status(sessions: Sessions, job_id: str) -> dict[str, Any]:
@@ -92,20 +93,21 @@ def list_jobs(
 
 
 def query_results(
-    sessions: Sessions, *, run: str | None = None, metric: str | None = None, limit: int = 50
+    sessions: Sessions, *, run: str | None = None, metric: str | None = None, limit: int = 50, offset: int = 0
 ) -> list[dict[str, Any]]:
-    """Succeeded jobs, newest first; with a run, ordered by step so a training curve reads top to bottom."""
+    """Succeeded jobs, newest first; with a run, ordered by step so a training curve reads top to bottom.
+    `offset` pages through longer histories (the order is total: ties are broken by job id)."""
     if metric and metric not in METRIC_ALIASES and metric not in METRIC_KEYS:
         raise InvalidField("metric", f"{metric!r} is none of {', '.join((*METRIC_ALIASES, *METRIC_KEYS))}",
                            where="query")
     with sessions() as s:
         q = select(Job).where(Job.state == JobState.SUCCEEDED, Job.kind == JOB_EVAL)
-        if run:
-            q = q.where(Job.run == run).order_by(Job.step.asc().nulls_last(), Job.finished_at.asc())
+        if run is not None:
+            q = q.where(Job.run == run).order_by(Job.step.asc().nulls_last(), Job.finished_at.asc(), Job.id)
         else:
-            q = q.order_by(Job.finished_at.desc())
+            q = q.order_by(Job.finished_at.desc(), Job.id)
         rows = []
-        for j in s.scalars(q.limit(min(limit, MAX_LIMIT))):
+        for j in s.scalars(q.limit(min(limit, MAX_LIMIT)).offset(max(0, offset))):
             values = {r.name: r.value for r in j.results}
             if metric:
                 key = METRIC_ALIASES.get(metric, metric)
@@ -232,30 +234,26 @@ class FarmTotals:
     jobs_by_state: dict[JobState, int]
     """Every state, with 0 where no job is in it."""
     shards_done: int
+    """Shards finished, ever: a shard computed again after its partial was lost counts again."""
     shards_failed: int
-    """Shards that failed for good (their job failed with them); shards of cancelled jobs do not count."""
+    """Shards that failed for good (their job failed with them)."""
     images_featurized: int
-    """Images in done shards: what the workers featurized (a cached reference is not featurized again)."""
+    """Images in the shards finished, ever: what the workers featurized (a cached reference is not featurized
+    again; a recomputed shard's images count again, since they were featurized again)."""
     oldest_heartbeat: datetime | None
     """The oldest last heartbeat among running shards and planning/reducing jobs; None when none holds a lease."""
 
 
 def farm_totals(sessions: Sessions) -> FarmTotals:
-    """Jobs by state, shards done and failed, images featurized and the oldest live lease, in four queries."""
-    images = Shard.stop - Shard.start
+    """Jobs by state, the farm's counters and the oldest live lease: small queries, whatever the history."""
     with sessions() as s:
         by_state = dict.fromkeys(JobState, 0)
         for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
             by_state[JobState(state)] = n
-        done, images_done = s.execute(
-            select(func.count(), func.coalesce(func.sum(images), 0)).where(Shard.state == ShardState.DONE)
-        ).one()
-        failed = s.scalar(
-            select(func.count()).select_from(Shard).join(Job, Job.id == Shard.job_id)
-            .where(Shard.state == ShardState.FAILED, Job.state != JobState.CANCELLED)
-        )
+        counters = dict(s.execute(select(Counter.name, Counter.value)).all())
         shard_beat = s.scalar(select(func.min(Shard.heartbeat_at)).where(Shard.state == ShardState.RUNNING))
         job_beat = s.scalar(select(func.min(Job.heartbeat_at))
                             .where(Job.state.in_((JobState.PLANNING, JobState.REDUCING))))
     beats = [t for t in (shard_beat, job_beat) if t is not None]
-    return FarmTotals(by_state, done, failed or 0, int(images_done), min(beats) if beats else None)
+    return FarmTotals(by_state, int(counters.get(SHARDS_DONE, 0)), int(counters.get(SHARDS_FAILED, 0)),
+                      int(counters.get(IMAGES_FEATURIZED, 0)), min(beats) if beats else None)

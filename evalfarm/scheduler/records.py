@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, lazyload, object_session, sessionmaker
 from evalfarm.config import EvalConfig
 from evalfarm.db import (
     FINAL_STATES,
+    Counter,
     Delivery,
     DeliveryState,
     Job,
@@ -31,7 +32,7 @@ from evalfarm.db import (
     Shard,
     ShardState,
 )
-from evalfarm.db.models import as_utc, utcnow
+from evalfarm.db.models import IMAGES_FEATURIZED, SHARDS_DONE, SHARDS_FAILED, as_utc, utcnow
 from evalfarm.errors import Conflict, InvalidField, JobError, JobNotFound, WeightsError
 from evalfarm.keys import JOB_EVAL
 from evalfarm.scheduler.job import JobSnapshot
@@ -333,11 +334,21 @@ def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> bool:
     """running → done for the claim that still holds the shard; False when it no longer does (its job was
     cancelled or failed, or its lease expired and another attempt took over): a final row never changes."""
     with sessions.begin() as s:
-        return s.execute(
+        done = s.execute(
             update(Shard)
             .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt)
             .values(state=ShardState.DONE, finished_at=utcnow(), seconds=seconds, error=None)
         ).rowcount == 1
+        if done:
+            _count(s, {SHARDS_DONE: 1, IMAGES_FEATURIZED: claim.stop - claim.start})
+        return done
+
+
+def _count(s: Session, increments: dict[str, int]) -> None:
+    """Add to farm-wide counters in the caller's transaction (the migration made their rows)."""
+    for name, n in increments.items():
+        if n and s.execute(update(Counter).where(Counter.name == name).values(value=Counter.value + n)).rowcount == 0:
+            s.add(Counter(name=name, value=n))
 
 
 def try_start_reduce(sessions: Sessions, job_id: str) -> bool:
@@ -361,13 +372,14 @@ def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int,
     job that has ended, and finished shards, keep their state."""
     live = select(Job.id).where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
     with sessions.begin() as s:
-        s.execute(
+        changed = s.execute(
             update(Shard)
             .where(Shard.job_id.in_(live), Shard.side == side, Shard.index == index,
                    Shard.state.in_((ShardState.PENDING, ShardState.RUNNING)))
             .values(state=ShardState.FAILED if final else ShardState.PENDING, error=error, finished_at=utcnow())
-        )
+        ).rowcount
         if final:
+            _count(s, {SHARDS_FAILED: changed})
             _fail(s, job_id, f"shard {side}/{index} failed: {error}")
 
 

@@ -19,7 +19,6 @@ from evalfarm.db import FINAL_STATES, JobState, Shard
 from evalfarm.errors import JobCancelled, JobError, MetricInputError, SourceError, WeightsError
 from evalfarm.metrics import FeatureStats, split_assignment
 from evalfarm.models import FeatureExtractor
-from evalfarm.models.weights import CANONICAL_SHA256_PREFIX
 from evalfarm.pipeline import compute_metrics, featurize_range, kid_subset_size, merge_in_order
 from evalfarm.scheduler import records
 from evalfarm.scheduler.context import Context
@@ -342,7 +341,7 @@ def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Sha
         "reference": job.reference_uri,
         "reference_sha256": job.reference_hash,
         "weights_sha256": job.weights_sha256,
-        "weights_canonical": job.weights_sha256.startswith(CANONICAL_SHA256_PREFIX),
+        "weights_canonical": keys.is_canonical_inception(job.weights_sha256),
         "resize": config.resize,
         "settings": config.to_dict(),
         **(

@@ -18,7 +18,9 @@ from evalfarm.errors import EvalfarmError
 
 SET_SUFFIXES = (".npz", ".npy", ".tar", ".tar.gz", ".tgz", ".zip")  #: files that are sample sets; folders always are
 DONE_MARKER = "DONE"
-_LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+#: a number right after a word that names a step (`step-1000`, `iter_20000`, `it5000`, `ckpt-3`, `kimg1200`)
+_KEYWORD_NUMBER = re.compile(r"(?<![a-z])(?:step|iter|iteration|it|ckpt|checkpoint|kimg)[-_.]?(\d+)", re.IGNORECASE)
+_NUMBER = re.compile(r"\d+")
 
 
 @dataclass(frozen=True)
@@ -38,25 +40,29 @@ class SampleSet:
         return has_done_marker(self.path)
 
 
-def step_parser(step_regex: str | None) -> re.Pattern[str]:
-    """The pattern that finds a set's step in its name: the user's (its first group, else the whole match),
-    or by default the last number in the name (`samples_120000.npz`, `step-120000`)."""
+def step_parser(step_regex: str | None) -> re.Pattern[str] | None:
+    """The user's pattern for a set's step (its first group, else the whole match); None for the default."""
     if step_regex is None:
-        return _LAST_NUMBER
+        return None
     try:
-        pattern = re.compile(step_regex)
+        return re.compile(step_regex)
     except re.error as exc:
         raise EvalfarmError(f"--step-regex {step_regex!r} is not a regular expression: {exc}") from exc
-    return pattern
 
 
-def parse_step(name: str, pattern: re.Pattern[str]) -> int | None:
+def parse_step(name: str, pattern: re.Pattern[str] | None) -> int | None:
+    """A set's step from its name, or None when the name does not say it unambiguously. By default: the
+    number after a step word (`step-1000-ema0.9999` → 1000), else the name's only number
+    (`samples_120000.npz`); `samples_120000_64x64.npz` holds three numbers and no step word, so it needs
+    --step-regex rather than a guess."""
     stem = name[: -len(suffix)] if (suffix := _set_suffix(name)) else name
-    match = pattern.search(stem)
-    if match is None:
-        return None
-    text = match.group(1) if pattern.groups else match.group(0)
-    return int(text) if text and text.isdigit() else None
+    if pattern is not None:
+        match = pattern.search(stem)
+        text = (match.group(1) if pattern.groups else match.group(0)) if match else None
+        return int(text) if text and text.isdigit() else None
+    keyword = _KEYWORD_NUMBER.findall(stem)
+    numbers = keyword or _NUMBER.findall(stem)
+    return int(numbers[0]) if len(set(numbers)) == 1 else None
 
 
 def _set_suffix(name: str) -> str | None:
@@ -88,22 +94,31 @@ def has_done_marker(path: Path) -> bool:
     return any(p.is_file() for p in beside) or (path.is_dir() and (path / DONE_MARKER).is_file())
 
 
-def discover(root: Path, pattern: str, steps: re.Pattern[str], ignore: frozenset[str] = frozenset()
-             ) -> tuple[list[SampleSet], list[str]]:
-    """The sample sets directly under `root` whose names match `pattern`, by step; and the names that match
-    but carry no step (reported, not evaluated)."""
+def discover(root: Path, pattern: str, steps: re.Pattern[str] | None) -> tuple[list[SampleSet], dict[str, str]]:
+    """The sample sets directly under `root` whose names match `pattern`, by step; and the names left out,
+    with why: no step in the name, or a step that another set has too (two sets of one step would put two
+    points at one step of every plot and export)."""
     if not root.is_dir():
         raise EvalfarmError(f"{root} is not a directory: watch the folder the training job writes its samples to")
-    found, stepless = [], []
+    by_step: dict[int, list[SampleSet]] = {}
+    skipped: dict[str, str] = {}
     for entry in sorted(root.iterdir()):
         name = entry.name
-        if name.startswith(".") or name in ignore or not fnmatch.fnmatch(name, pattern):
+        if name.startswith(".") or not fnmatch.fnmatch(name, pattern):
             continue
         if not (entry.is_dir() or (entry.is_file() and _set_suffix(name))):
             continue  # markers, logs, half-written `.tmp` files: not sample sets
         step = parse_step(name, steps)
         if step is None:
-            stepless.append(name)
-            continue
-        found.append(SampleSet(name, entry, step))
-    return sorted(found, key=lambda s: (s.step, s.name)), stepless
+            skipped[name] = "no step in its name, or more than one number (pass --step-regex)"
+        else:
+            by_step.setdefault(step, []).append(SampleSet(name, entry, step))
+    found = []
+    for step, sets in sorted(by_step.items()):
+        if len(sets) == 1:
+            found.append(sets[0])
+        else:
+            names = ", ".join(s.name for s in sets)
+            skipped.update({s.name: f"step {step} is also the step of {names} (narrow --pattern, or pass "
+                                    "--step-regex)" for s in sets})
+    return found, skipped

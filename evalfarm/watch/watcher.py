@@ -1,13 +1,16 @@
 """`evalfarm watch`: a sidecar beside a training job that evaluates each new complete sample set once.
 
-Each poll lists the sets under the watched directory (`sets.discover`), starts the complete ones it has not
-seen before, follows the ones in flight, and writes what it knows to the state file before it sleeps. A
-set is started at most once:
+Each poll follows the sets in flight, starts the complete sets not seen before, exports the run when it has
+new results, and writes what it knows to the state file before it sleeps. A set is started at most once:
 
 - on the farm, its submit carries an idempotency key made of the run and the set's name, so a watcher
-  killed between submitting and writing its state gets the same job back when it submits again;
-- embedded, the set's evaluation runs here; a watcher killed during it leaves the set `submitted`, and the
-  next watcher adopts the job if it succeeded after all, or else fails it as abandoned and evaluates again.
+  killed between submitting and writing its state (or one whose state file was lost) gets the same job back;
+- embedded, the results database is asked before a set is evaluated: a job of that set that succeeded is
+  adopted, and one left unfinished by a watcher that died is failed as abandoned and the set evaluated again.
+
+Errors that are about the watch rather than one set (missing weights, a refused token, an unknown
+reference, a submit the farm refuses) stop the watcher with that error and record nothing, so that fixing
+them and starting again evaluates every set; only a set's own job failing marks the set failed.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evalfarm.config import EvalConfig
-from evalfarm.errors import EvalfarmError
+from evalfarm.errors import EvalfarmError, JobNotFound
 from evalfarm.keys import METRIC_FAMILIES, METRIC_LABELS
 from evalfarm.runs import ResultsSource
 from evalfarm.states import JobState
@@ -33,6 +36,8 @@ UNSTABLE_POLLS = 3  #: `--once` gives up on a set still changing after this many
 
 @dataclass(frozen=True)
 class WatchOptions:
+    """What `evalfarm watch` was asked to do: where, for which run, how to evaluate, where to export."""
+
     root: Path
     run: str
     ref: str | None
@@ -43,6 +48,7 @@ class WatchOptions:
     state_path: Path | None = None
     tags: dict[str, str] = field(default_factory=dict)
     exports: tuple[str, ...] = ()
+    retry_failed: bool = False
 
     @property
     def state_file(self) -> Path:
@@ -50,22 +56,38 @@ class WatchOptions:
         return self.state_path or self.root / f".evalfarm-watch-{_safe(self.run)}.json"
 
 
+@dataclass(frozen=True)
+class Earlier:
+    """A job the results database already holds for a set."""
+
+    job_id: str
+    state: JobState
+    result: dict | None
+    error: str | None
+
+
 class Backend:
     """Where sets are evaluated: here (`EmbeddedBackend`) or on the farm (`FarmBackend`)."""
 
-    embedded: bool
     results: ResultsSource
 
     def start(self, s: SampleSet, key: str, opts: WatchOptions, on_job: Callable[[str], None]) -> dict | None:
         """Start evaluating `s`: the result when it is done already (embedded), else None (in flight)."""
         raise NotImplementedError
 
-    def look(self, job_id: str) -> tuple[JobState, dict | None, str | None]:
-        """The job's state, result and error now."""
+    def look(self, job_id: str) -> Earlier:
+        """The job now; JobNotFound when the farm does not know it."""
         raise NotImplementedError
 
-    def abandon(self, job_id: str) -> None:
-        """Fail a job whose evaluation died with the watcher that ran it."""
+    def earlier(self, s: SampleSet, opts: WatchOptions) -> Earlier | None:
+        """A job this watcher's run already has for `s`, found without the state file (embedded: by its
+        samples in the results database; the farm finds it by idempotency key instead)."""
+        return None
+
+    def unfinished(self, rec: SetRecord) -> bool:
+        """What a record in flight means: True when its job goes on by itself (the farm runs it), False when
+        its evaluation died with an earlier watcher process (embedded), and the set must start again."""
+        return True
 
     def transient(self, exc: BaseException) -> bool:
         """Whether `exc` is the farm not answering (the set is tried again next poll), not the set's fault."""
@@ -74,8 +96,6 @@ class Backend:
 
 class EmbeddedBackend(Backend):
     """Each set evaluated on this machine, one at a time, by the runner behind `evalfarm eval`."""
-
-    embedded = True
 
     def __init__(self, *, weights: str | None = None, device: str | None = None, progress: bool = False) -> None:
         from evalfarm.db import session_factory
@@ -94,22 +114,37 @@ class EmbeddedBackend(Backend):
                             device=self.device, run=opts.run, step=s.step, tags=opts.tags, progress=self.progress,
                             on_job=on_job)
 
-    def look(self, job_id: str) -> tuple[JobState, dict | None, str | None]:
+    def look(self, job_id: str) -> Earlier:
         from evalfarm.scheduler import records
 
         job = records.get_job(self.sessions, job_id)
-        return job.state, job.result, job.error
+        return Earlier(job.id, job.state, job.result, job.error)
 
-    def abandon(self, job_id: str) -> None:
+    def earlier(self, s: SampleSet, opts: WatchOptions) -> Earlier | None:
+        """A succeeded job of this run and set, adopted; unfinished ones (their watcher died) are failed."""
+        from sqlalchemy import select
+
+        from evalfarm.db import Job
         from evalfarm.scheduler import records
 
-        records.fail_job(self.sessions, job_id, ABANDONED)
+        with self.sessions() as session:
+            jobs = session.execute(
+                select(Job.id, Job.state, Job.result, Job.error)
+                .where(Job.run == opts.run, Job.samples_uri == str(s.path), Job.mode == "embedded")
+                .order_by(Job.created_at)
+            ).all()
+        for job in jobs:
+            if not JobState(job.state).final:
+                records.fail_job(self.sessions, job.id, ABANDONED)
+        done = [j for j in jobs if j.state == JobState.SUCCEEDED]
+        return Earlier(done[-1].id, JobState.SUCCEEDED, done[-1].result, None) if done else None
+
+    def unfinished(self, rec: SetRecord) -> bool:
+        return False
 
 
 class FarmBackend(Backend):
     """Each set submitted to the farm (its API, or its database directly), many in flight at once."""
-
-    embedded = False
 
     def __init__(self, farm: Any) -> None:
         self.farm = self.results = farm
@@ -119,9 +154,9 @@ class FarmBackend(Backend):
                                 idempotency_key=key))
         return None
 
-    def look(self, job_id: str) -> tuple[JobState, dict | None, str | None]:
+    def look(self, job_id: str) -> Earlier:
         st = self.farm.status(job_id)
-        return JobState(st["state"]), st.get("result"), st.get("error")
+        return Earlier(job_id, JobState(st["state"]), st.get("result"), st.get("error"))
 
     def transient(self, exc: BaseException) -> bool:
         from evalfarm.client import Client, Unavailable, Unreachable
@@ -138,6 +173,8 @@ class Watcher:
         self.opts, self.backend, self.log = opts, backend, log
         self.steps = step_parser(opts.step_regex)
         self.state = WatchState.load(opts.state_file, opts.run)
+        self.failed_now = 0  #: sets whose job failed during this invocation: the exit status
+        self.export_failed = False
         self._told: set[str] = set()  #: names already reported as skipped
         self._changing: dict[str, int] = {}  #: polls that saw each unstarted set still changing
         self._stop: Callable[[], bool] = lambda: False
@@ -145,56 +182,73 @@ class Watcher:
     # -- the loop ------------------------------------------------------------------------------------------------
 
     def run(self, *, once: bool = False, stop: Callable[[], bool] = lambda: False) -> int:
-        """Poll until `stop()`; with `once`, until what is there now has ended. 1 if a set failed, else 0."""
+        """Poll until `stop()`; with `once`, until what is there now has ended. 1 if a set failed during this
+        run or, with `once`, an export could not be written; else 0."""
         self._stop = stop
         with StateLock(self.opts.state_file):
+            self.state = WatchState.load(self.opts.state_file, self.opts.run)  # as the last holder left it
+            if self.opts.retry_failed:
+                for name in [n for n, r in self.state.sets.items() if r.state == SetState.FAILED]:
+                    del self.state.sets[name]
             while True:
                 waiting = self.poll(settling=once)
                 if stop() or (once and not waiting):
                     break
                 _sleep(self.opts.every_s, stop)
-        return 1 if any(r.state == SetState.FAILED for r in self.state.sets.values()) else 0
+        return 1 if self.failed_now or (once and self.export_failed) else 0
 
     def poll(self, *, settling: bool = False) -> bool:
-        """One look at the directory; True while something is still to come (a set settling, a job running).
-        With `settling`, a set still changing after `UNSTABLE_POLLS` polls is left for a later watch."""
-        found, stepless = discover(self.opts.root, self.opts.pattern, self.steps, self._ignored())
-        for name in sorted(set(stepless) - self._told):
-            self.log(f"skipping {name}: no step in its name (pass --step-regex)")
-            self._told.add(name)
-        waiting, seen = False, {}
+        """One look: follow what is in flight, start what is complete, export what is new. True while
+        something is still to come (a set settling, a job running). With `settling`, a set still changing
+        after `UNSTABLE_POLLS` polls is left for a later watch."""
+        now = time.time()
+        found, skipped = discover(self.opts.root, self.opts.pattern, self.steps)
+        for name, why in skipped.items():
+            if name not in self._told and name not in self.state.sets:
+                self.log(f"skipping {name}: {why}")
+                self._told.add(name)
+        on_disk = {s.name: s for s in found}
+        for name, rec in list(self.state.sets.items()):  # whether or not the set is still on disk
+            if rec.state == SetState.SUBMITTED and not self._stop():
+                self._follow(name, rec, on_disk.get(name))
+        seen: dict[str, list[int]] = {}
         for s in found:
-            if self._stop():
-                break
-            rec = self.state.sets.get(s.name)
-            if rec is None:
-                try:
-                    seen[s.name] = s.signature()
-                except FileNotFoundError:
-                    continue  # renamed or removed since the listing
-                if s.done_marker() or self.state.seen.get(s.name) == seen[s.name]:
-                    self._start(s)
-                elif settling:
-                    self._changing[s.name] = self._changing.get(s.name, 0) + 1
-                    if self._changing[s.name] < UNSTABLE_POLLS:
-                        waiting = True
-                    elif s.name not in self._told:
-                        self._told.add(s.name)
-                        self.log(f"step {s.step}: {s.name} is still changing after {UNSTABLE_POLLS} polls; "
-                                 "left for a later watch")
-            elif rec.state == SetState.SUBMITTED:
-                self._follow(s, rec)
-            if (rec := self.state.sets.get(s.name)) is not None:
-                if rec.state == SetState.SUCCEEDED and not rec.exported:
-                    self._export(rec)
-                waiting |= rec.state == SetState.SUBMITTED
-        self.state.seen = seen
+            if s.name in self.state.sets or self._stop():
+                continue
+            try:
+                seen[s.name] = s.signature()
+            except FileNotFoundError:
+                continue  # renamed or removed since the listing
+            if s.done_marker() or self._unchanged(s.name, seen[s.name], now):
+                self._start(s)
+            elif settling:
+                self._changing[s.name] = self._changing.get(s.name, 0) + 1
+                if self._changing[s.name] > UNSTABLE_POLLS and s.name not in self._told:
+                    self._told.add(s.name)
+                    self.log(f"step {s.step}: {s.name} is still changing after {UNSTABLE_POLLS} polls; left for "
+                             "a later watch")
+        self._export()
+        self.state.seen, self.state.seen_at = seen, now
         self.state.save()
-        return waiting
+        return any(r.state == SetState.SUBMITTED for r in self.state.sets.values()) or (
+            settling and any(0 < self._changing.get(n, 0) <= UNSTABLE_POLLS for n in seen))
+
+    def _unchanged(self, name: str, signature: list[int], now: float) -> bool:
+        """The same signature as at the last poll, which was at least a poll interval ago (a watcher
+        restarted a moment after the last one stopped must not take a set mid-write for complete)."""
+        if self.state.seen.get(name) != signature or self.state.seen_at is None:
+            return False
+        return now - self.state.seen_at >= 0.9 * self.opts.every_s
 
     # -- one set ---------------------------------------------------------------------------------------------------
 
     def _start(self, s: SampleSet) -> None:
+        earlier = self.backend.earlier(s, self.opts)
+        if earlier is not None:  # evaluated by a watcher whose state is lost
+            self.state.sets[s.name] = SetRecord(step=s.step, key=self._key(s), state=SetState.SUBMITTED)
+            self.log(f"step {s.step}: {s.name} was evaluated already (job {earlier.job_id}); not again")
+            self._ended(s.name, self.state.sets[s.name], earlier)
+            return
         rec = SetRecord(step=s.step, key=self._key(s), state=SetState.SUBMITTED)
         self.state.sets[s.name] = rec
         self.state.save()  # before the job exists: a restart then knows this set was begun
@@ -205,67 +259,83 @@ class Watcher:
 
         how = "DONE marker" if s.done_marker() else "unchanged since the last poll"
         self.log(f"step {s.step}: {s.name} is complete ({how}); " +
-                 ("evaluating" if self.backend.embedded else "submitting"))
+                 ("submitting" if self.backend.unfinished(rec) else "evaluating"))
         try:
             result = self.backend.start(s, rec.key, self.opts, on_job)
         except Exception as exc:
-            if self.backend.transient(exc):
-                del self.state.sets[s.name]  # the same key finds the same job if the submit got through
-                self.log(f"step {s.step}: the farm did not answer ({_oneline(exc)}); trying again next poll")
-                return
-            self._ended(s, rec, JobState.FAILED, None, _oneline(exc))
+            if rec.job_id is None:  # no job was made: nothing about this set is known yet
+                del self.state.sets[s.name]
+                self.state.save()
+                if self.backend.transient(exc):
+                    self.log(f"step {s.step}: the farm did not answer ({_oneline(exc)}); trying again next poll")
+                    return
+                raise  # the watch cannot go on as it is (weights, token, reference, settings): stop, say why
+            self._ended(s.name, rec, Earlier(rec.job_id, JobState.FAILED, None, _oneline(exc)))
             return
         if result is not None:
-            self._ended(s, rec, JobState.SUCCEEDED, result, None)
+            self._ended(s.name, rec, Earlier(rec.job_id or result["job_id"], JobState.SUCCEEDED, result, None))
         else:
             self.log(f"step {s.step}: job {rec.job_id}")
-            self.state.save()
 
-    def _follow(self, s: SampleSet, rec: SetRecord) -> None:
-        if rec.job_id is None:  # stopped before the job was made, or before the farm answered its submit
-            del self.state.sets[s.name]
-            self._start(s)  # on the farm, the same idempotency key returns the job if it was made
+    def _follow(self, name: str, rec: SetRecord, s: SampleSet | None) -> None:
+        if rec.job_id is None or not self.backend.unfinished(rec):
+            # Stopped before its job was made, or its evaluation died with an earlier watcher: begin again
+            # (the farm's idempotency key, or the embedded lookup, finds a job that was made after all).
+            del self.state.sets[name]
+            if s is not None:
+                self._start(s)
             return
         try:
-            state, result, error = self.backend.look(rec.job_id)
+            job = self.backend.look(rec.job_id)
+        except JobNotFound:  # the farm lost it (a new database, another API URL): submit it again
+            del self.state.sets[name]
+            self.log(f"step {rec.step}: the farm knows no job {rec.job_id}; submitting {name} again")
+            if s is not None:
+                self._start(s)
+            return
         except Exception as exc:
             if self.backend.transient(exc):
                 return
             raise
-        if state == JobState.SUCCEEDED or (state.final and not self.backend.embedded):
-            self._ended(s, rec, state, result, error)
-        elif self.backend.embedded:  # its evaluation died with an earlier watcher process
-            if not state.final:
-                self.backend.abandon(rec.job_id)
-            self.log(f"step {s.step}: job {rec.job_id} was left unfinished by a stopped watcher; evaluating again")
-            del self.state.sets[s.name]
-            self._start(s)
+        if job.state.final:
+            self._ended(name, rec, job)
 
-    def _ended(self, s: SampleSet, rec: SetRecord, state: JobState, result: dict | None, error: str | None) -> None:
-        if state == JobState.SUCCEEDED and result is not None:
-            rec.state, rec.job_id = SetState.SUCCEEDED, result.get("job_id", rec.job_id)
-            caveat = "" if result.get("weights_canonical", True) else "  [not the canonical weights: not publishable]"
-            self.log(f"step {s.step}: {summary(result)}  (job {rec.job_id}){caveat}")
+    def _ended(self, name: str, rec: SetRecord, job: Earlier) -> None:
+        rec.job_id = job.job_id
+        if job.state == JobState.SUCCEEDED and job.result is not None:
+            rec.state = SetState.SUCCEEDED
+            caveat = "" if job.result.get("weights_canonical", True) else "  [not the canonical weights: not publishable]"
+            self.log(f"step {rec.step}: {summary(job.result)}  (job {rec.job_id}){caveat}")
         else:
-            rec.state, rec.error = SetState.FAILED, error or f"job {state}"
-            self.log(f"step {s.step}: {s.name} {state}: {rec.error}")
+            rec.state, rec.error = SetState.FAILED, job.error or f"job {job.state}"
+            self.failed_now += 1
+            self.log(f"step {rec.step}: {name} {job.state}: {rec.error}")
         self.state.save()
 
-    def _export(self, rec: SetRecord) -> None:
-        if not self.opts.exports:
-            rec.exported = True
+    def _export(self) -> None:
+        """Write the run to each target that lacks one of its results: once per poll, whatever the number of
+        new results; a target that fails is tried again on the next poll."""
+        done = sorted(r.job_id for r in self.state.sets.values() if r.state == SetState.SUCCEEDED and r.job_id)
+        behind = [t for t in self.opts.exports if not set(done) <= set(self.state.exported.get(t, ()))]
+        if not behind:
             return
         from evalfarm.export import export_run
         from evalfarm.runs import run_history
 
         try:
             points = run_history(self.opts.run, self.backend.results)
-            for target in self.opts.exports:
-                export_run(self.opts.run, points, target)
-        except Exception as exc:  # noqa: BLE001 - an export target down must not stop the watch
-            self.log(f"step {rec.step}: export failed ({type(exc).__name__}: {exc}); trying again next poll")
+        except Exception as exc:  # noqa: BLE001 - the results database or API down: next poll
+            self.export_failed = True
+            self.log(f"export: the run's results could not be read ({_oneline(exc)}); trying again next poll")
             return
-        rec.exported = True
+        for target in behind:
+            try:
+                export_run(self.opts.run, points, target)
+            except Exception as exc:  # noqa: BLE001 - an export target down must not stop the watch
+                self.export_failed = True
+                self.log(f"export to {target} failed ({_oneline(exc)}); trying again next poll")
+                continue
+            self.state.exported[target] = done
 
     # -- names -----------------------------------------------------------------------------------------------------
 
@@ -276,12 +346,6 @@ class Watcher:
         import hashlib
 
         return f"watch:{hashlib.sha256(key.encode()).hexdigest()}"
-
-    def _ignored(self) -> frozenset[str]:
-        state = self.opts.state_file
-        if state.parent.resolve() != self.opts.root.resolve():
-            return frozenset()
-        return frozenset({state.name, state.name + ".lock"})
 
 
 def summary(result: dict[str, Any]) -> str:
