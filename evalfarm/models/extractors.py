@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +30,7 @@ from evalfarm.errors import WeightsError
 from evalfarm.models import clip, dinov2, vgg16
 from evalfarm.models.extractor import resolve_device
 from evalfarm.models.resize import resize_tf_bilinear
-from evalfarm.models.weights import DOWNLOAD_TIMEOUT_S, Weights, file_sha256, load_state_dict
+from evalfarm.models.weights import Weights, download_verified, file_sha256, load_state_dict
 from evalfarm.settings import Settings
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -216,26 +214,8 @@ def load_extractor_weights(settings: Settings, name: str, path: str | os.PathLik
 
 def download_extractor_weights(spec: ExtractorSpec, dest: Path) -> ExtractorWeights:
     """Download to a temporary file, check the published hash, then move into place atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    errors = []
-    for url in spec.urls:
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".download-")
-        try:
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
-                for chunk in iter(lambda: resp.read(1 << 20), b""):
-                    out.write(chunk)
-            sha = file_sha256(Path(tmp))
-            if spec.sha256 is not None and not sha.startswith(spec.sha256):
-                errors.append(f"{url}: SHA-256 {sha} does not start with {spec.sha256}")
-                continue
-            os.replace(tmp, dest)
-            return ExtractorWeights(dest, sha, spec.sha256)
-        except OSError as exc:
-            errors.append(f"{url}: {exc}")
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    raise WeightsError(f"Could not download the {spec.name} weights (" + "; ".join(errors) + "). " + _help(spec))
+    sha = download_verified(dest, spec.urls, spec.sha256, what=f"the {spec.name} weights", help_text=_help(spec))
+    return ExtractorWeights(dest, sha, spec.sha256)
 
 
 # -- networks -------------------------------------------------------------------------------------------------------

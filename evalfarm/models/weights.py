@@ -84,7 +84,17 @@ def load_weights(settings: Settings, path: str | os.PathLike | None = None) -> W
 
 
 def download_weights(dest: Path, urls: tuple[str, ...] = WEIGHTS_URLS) -> Weights:
-    """Download to a temporary file, verify the hash prefix, then move into place atomically."""
+    """The canonical Inception file, downloaded and verified (see `download_verified`)."""
+    sha = download_verified(dest, urls, CANONICAL_SHA256_PREFIX, what="the Inception weights",
+                            help_text=_MISSING_HELP.format(name=WEIGHTS_FILENAME, url=urls[0]))
+    return Weights(dest, sha)
+
+
+def download_verified(dest: Path, urls: tuple[str, ...], sha256_prefix: str | None, *, what: str,
+                      help_text: str) -> str:
+    """Download the first URL that answers to a temporary file, check that its SHA-256 starts with
+    `sha256_prefix` (a full digest, or torch.hub's name prefix; None where the publisher gives none), then
+    move it into place atomically; returns the file's SHA-256. WeightsError listing every URL's failure."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in urls:
@@ -94,20 +104,17 @@ def download_weights(dest: Path, urls: tuple[str, ...] = WEIGHTS_URLS) -> Weight
                 for chunk in iter(lambda: resp.read(1 << 20), b""):
                     out.write(chunk)
             sha = file_sha256(Path(tmp))
-            if not sha.startswith(CANONICAL_SHA256_PREFIX):
-                errors.append(f"{url}: SHA-256 {sha} does not start with {CANONICAL_SHA256_PREFIX}")
+            if sha256_prefix is not None and not sha.startswith(sha256_prefix):
+                errors.append(f"{url}: SHA-256 {sha} does not start with {sha256_prefix}")
                 continue
             os.replace(tmp, dest)
-            return Weights(dest, sha)
+            return sha
         except OSError as exc:
             errors.append(f"{url}: {exc}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    raise WeightsError(
-        "Could not download the Inception weights (" + "; ".join(errors) + "). "
-        + _MISSING_HELP.format(name=WEIGHTS_FILENAME, url=urls[0])
-    )
+    raise WeightsError(f"Could not download {what} (" + "; ".join(errors) + "). " + help_text)
 
 
 def load_state_dict(weights: Weights) -> dict[str, torch.Tensor]:
