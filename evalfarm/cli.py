@@ -187,18 +187,19 @@ def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | N
 @click.option("--run", help="Only this run.")
 @click.option("--metric", default=None, help="is, fid, kid or a full result key: show one column, sorted by step.")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=int, default=None, help="At most this many rows (default: a run's whole history; "
+              "without --run, the 50 latest).")
 @_errors
-def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> None:
+def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int | None) -> None:
     """List finished jobs and their metrics: from the farm's API (EVALFARM_API_URL), else the results
     database (EVALFARM_DATABASE_URL, or this machine's)."""
-    if get_settings().api_url:
-        rows = farm_client().results(run=run, metric=metric, limit=limit)
-    else:
-        from evalfarm.db import session_factory
-        from evalfarm.scheduler.queries import query_results
+    from evalfarm.runs import all_results, results_source
 
-        rows = query_results(session_factory(get_settings().db_url), run=run, metric=metric, limit=limit)
+    source = results_source()
+    if run and limit is None:
+        rows = all_results(source, run, metric)
+    else:
+        rows = source.results(run=run, metric=metric, limit=50 if limit is None else limit)
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, default=str))
         return
@@ -220,15 +221,22 @@ def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int) -> No
     click.echo("  ".join(c.ljust(widths[c]) for c in columns))
     for r in flat:
         click.echo("  ".join(cell(r.get(c)).ljust(widths[c]) for c in columns))
+    from evalfarm.keys import is_canonical_inception
+
+    seeded = sum(not is_canonical_inception(r.get("weights_sha256")) for r in rows)
+    if seeded:
+        click.echo(f"note: {seeded} of these results come from weights other than the canonical FID-Inception "
+                   "file: they are not publishable FID/IS/KID values", err=True)
 
 
 @main.command("watch")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--run", required=True, help="The run its results are filed under.")
 @click.option("--ref", help="Reference: a named reference, a sample set, or a pytorch-fid mu/sigma .npz.")
 @click.option("--pattern", default="*", show_default=True, help="Which names under DIRECTORY are sample sets (glob).")
 @click.option("--every", "every_s", type=float, default=60.0, show_default=True, help="Seconds between polls.")
-@click.option("--step-regex", help="Where the step is in a set's name (its first group); default: the last number.")
+@click.option("--step-regex", help="Where the step is in a set's name without its extension (its first group); "
+              "default: the number after a step word (step, iter, it, ckpt, kimg), else the name's only number.")
 @click.option("--once", is_flag=True, help="Evaluate what is there now, wait for it to end, and exit.")
 @click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path),
               help="State file (default: DIRECTORY/.evalfarm-watch-RUN.json).")
@@ -292,7 +300,7 @@ def _stop_on_signals() -> Callable[[], bool]:
         if stop["asked"]:  # a second signal: stop now
             raise KeyboardInterrupt
         stop["asked"] = True
-        _log(f"{signal.Signals(signum).name}: stopping after the current step")
+        _log(f"{signal.Signals(signum).name}: stopping after the current set")
 
     signal.signal(signal.SIGTERM, ask)
     signal.signal(signal.SIGINT, ask)
@@ -330,7 +338,7 @@ def plot_cmd(runs: tuple[str, ...], metric: str, output: Path, title: str | None
     source = results_source()
     histories = {run: require_history(run, source) for run in dict.fromkeys(runs)}
     drawn = plot_runs(histories, metric, output, title=title, dpi=dpi)
-    click.echo(f"{output}: {keys.METRIC_LABELS[metric]} of {', '.join(histories)} at {drawn} steps")
+    click.echo(f"{output}: {keys.METRIC_LABELS[metric]} of {', '.join(histories)}, {drawn} points")
 
 
 @main.group("ref")

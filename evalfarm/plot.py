@@ -55,6 +55,10 @@ def plot_runs(histories: Mapping[str, Sequence[Point]], family: str, out: Path, 
         ax.set_title(title or f"{label} against step")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize="small")
+        seeded = sum(not p.canonical_weights for points in histories.values() for p in points)
+        if seeded:  # the picture may travel without its command line: say what its numbers are not
+            fig.supxlabel(f"{seeded} result(s) from weights other than the canonical FID-Inception file: "
+                          "not publishable values", fontsize="x-small", color="#b35900")
         out.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(out, dpi=dpi)
     finally:

@@ -80,24 +80,28 @@ def results_source(settings: Settings | None = None) -> ResultsSource:
 def run_history(run: str, source: ResultsSource | None = None) -> list[Point]:
     """The run's succeeded evaluations, all of them, sorted by step (results without a step last, by finish
     time)."""
-    if not run:
-        raise EvalfarmError("a run name is needed (an empty name would read every run's results as one)")
-    source = source or results_source()
-    rows: list[dict[str, Any]] = []
-    while True:
-        page = source.results(run=run, limit=PAGE, offset=len(rows))
-        if page and page[0]["job_id"] in {r["job_id"] for r in rows}:  # a server that ignores `offset`
-            raise EvalfarmError(f"run {run!r} has more than {PAGE} results and the farm's API does not page "
-                                "through them: upgrade its server")
-        rows += page
-        if len(page) < PAGE:
-            break
+    rows = all_results(source or results_source(), run)
     points = [
         Point(run=r["run"], step=r["step"], job_id=r["job_id"], finished_at=_time(r.get("finished_at")),
               metrics={k: float(v) for k, v in r["metrics"].items()}, weights_sha256=r.get("weights_sha256"))
         for r in rows
     ]
     return sorted(points, key=lambda p: (p.step is None, p.step or 0, p.finished_at or _EPOCH))
+
+
+def all_results(source: ResultsSource, run: str, metric: str | None = None) -> list[dict[str, Any]]:
+    """Every succeeded result of `run`, by step, page after page (`ResultsSource.results` rows)."""
+    if not run:
+        raise EvalfarmError("a run name is needed (an empty name would read every run's results as one)")
+    rows: list[dict[str, Any]] = []
+    while True:
+        page = source.results(run=run, metric=metric, limit=PAGE, offset=len(rows))
+        if page and page[0]["job_id"] in {r["job_id"] for r in rows}:  # a server that ignores `offset`
+            raise EvalfarmError(f"run {run!r} has more than {PAGE} results and the farm's API does not page "
+                                "through them: upgrade its server")
+        rows += page
+        if len(page) < PAGE:
+            return rows
 
 
 def series(points: Sequence[Point], family: str) -> list[tuple[int, float, float | None]]:

@@ -33,8 +33,9 @@ def _list(name: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Settings:
-    store: str = field(default_factory=lambda: _env("STORE", str(DEFAULT_HOME / "store")))
-    """Feature store root: a local directory or any fsspec URL shared by all workers and the reducer."""
+    store: str = field(default_factory=lambda: _env("STORE", str(Path(_env("HOME", str(DEFAULT_HOME))) / "store")))
+    """Feature store root: a local directory or any fsspec URL shared by all workers and the reducer; by
+    default the `store` folder of the evalfarm home."""
     database_url: str = field(default_factory=lambda: _env("DATABASE_URL", "") or "")
     """SQLAlchemy URL; empty means an SQLite file in the evalfarm home (embedded mode)."""
     redis_url: str = field(default_factory=lambda: _env("REDIS_URL", "redis://127.0.0.1:6379/0"))

@@ -115,6 +115,12 @@ def test_tensorboard_a_step_finished_late_reads_back_sorted(history: list[Point]
     assert len(evalfarm_files(logdir)) == 1
 
 
+def test_tensorboard_a_directory_that_cannot_be_made_is_a_clear_error(history: list[Point], tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(EvalfarmError, match="cannot make that directory"):
+        export_run(RUN, history, f"tensorboard:{tmp_path / 'a-file' / 'tb'}")
+
+
 def test_tensorboard_leaves_the_training_jobs_event_file_untouched(history: list[Point], logdir: Path) -> None:
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
     from torch.utils.tensorboard import SummaryWriter

@@ -70,7 +70,7 @@ def test_the_cli_writes_the_file_and_names_what_it_drew(two_runs, tmp_path):
     out = tmp_path / "plots" / "is.png"
     done = run_cli("plot", "--run", "run-a", "--run", "run-b", "--metric", "is", "-o", out)
     assert done.returncode == 0, done.stderr
-    assert "Inception Score of run-a, run-b at 5 steps" in done.stdout
+    assert "Inception Score of run-a, run-b, 5 points" in done.stdout
     assert Image.open(out).size == (1200, 675)
 
 

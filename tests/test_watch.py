@@ -321,3 +321,19 @@ def test_export_without_a_run_is_refused_before_any_work(reference_dir, tmp_path
     done = subprocess.run([*EVALFARM, "eval", str(tmp_path / "nothing-here"), "--ref", str(reference_dir),
                            "--export", f"tensorboard:{tmp_path}"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "give the run (--run)" in done.stderr
+
+
+def test_a_reference_that_cannot_be_read_stops_the_watch_before_any_set_fails(watched, tmp_path):
+    new_step(watched, 10, 8, done=True)
+    done = subprocess.run([*EVALFARM, "watch", str(watched), "--run", "r", "--ref", tmp_path / "no-such-ref",
+                           "--once", *CONFIG], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert "--ref" in done.stderr and "no-such-ref" in done.stderr and "Traceback" not in done.stderr
+    assert state_of(watched / ".evalfarm-watch-r.json") == {}
+
+
+def test_a_directory_that_does_not_exist_is_refused_not_created(tmp_path):
+    done = subprocess.run([*EVALFARM, "watch", str(tmp_path / "typo"), "--run", "r", "--metrics", "is", "--once"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "does not exist" in done.stderr
+    assert not (tmp_path / "typo").exists()

@@ -8,6 +8,7 @@ used throughout, never MLflow's global state, so a training process's own active
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from evalfarm.export import Target
     from evalfarm.runs import Point
 
+#: fail within about a minute on a tracking server that does not answer (MLflow's defaults: 7 retries, 120 s)
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 DEFAULT_EXPERIMENT = "evalfarm"  #: where results go when the target names no experiment
 RUN_TAG = "evalfarm.run"  #: set on the MLflow run, naming the evalfarm run exported into it
 BATCH = 1000  #: MLflow refuses more metrics than this in one log_batch call
@@ -34,6 +37,10 @@ def export(run: str, points: Sequence[Point], target: Target) -> int:
         raise missing("mlflow", "mlflow") from exc
 
     experiment = target.name or DEFAULT_EXPERIMENT
+    # MLflow retries an unreachable server for minutes by default; a watcher has sets to evaluate meanwhile.
+    # The user's own settings of these variables win.
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     try:
         client = MlflowClient(tracking_uri=target.location)
         experiment_id = _experiment_id(client, experiment)

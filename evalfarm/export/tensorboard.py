@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from evalfarm.errors import EvalfarmError
 from evalfarm.export import metric_name, missing, wall_time
 
 if TYPE_CHECKING:
@@ -36,7 +37,10 @@ def export(run: str, points: Sequence[Point], target: Target) -> int:
         raise missing("tensorboard", "tensorboard") from exc
 
     directory = Path(target.location).expanduser()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EvalfarmError(f"tensorboard:{target.location}: cannot make that directory ({exc.strerror})") from None
     first = min((wall_time(p) for p in points), default=time.time())
     events = [Event(wall_time=first, file_version="brain.Event:2")]
     for p in points:
@@ -46,13 +50,17 @@ def export(run: str, points: Sequence[Point], target: Target) -> int:
     ours = directory / event_file_name(run)
     # No "tfevents" in the temporary name: TensorBoard must not read a half-written file.
     partial = directory / f".evalfarm-{uuid.uuid4().hex}.tmp"
-    with open(partial, "wb") as f:
-        writer = RecordWriter(f)
-        for event in events:
-            writer.write(event.SerializeToString())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, ours)
+    try:
+        with open(partial, "wb") as f:
+            writer = RecordWriter(f)
+            for event in events:
+                writer.write(event.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, ours)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise EvalfarmError(f"tensorboard:{target.location}: cannot write there ({exc.strerror})") from None
     _remove_older(directory, run, ours)
     return len(points)
 

@@ -110,7 +110,9 @@ def discover(root: Path, pattern: str, steps: re.Pattern[str] | None) -> tuple[l
             continue  # markers, logs, half-written `.tmp` files: not sample sets
         step = parse_step(name, steps)
         if step is None:
-            skipped[name] = "no step in its name, or more than one number (pass --step-regex)"
+            skipped[name] = (f"--step-regex {steps.pattern!r} finds no step in it (it is matched against the name "
+                             "without its extension)" if steps is not None else
+                             "no step in its name, or more than one number and no step word (pass --step-regex)")
         else:
             by_step.setdefault(step, []).append(SampleSet(name, entry, step))
     found = []

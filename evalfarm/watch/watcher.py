@@ -93,6 +93,9 @@ class Backend:
         """Whether `exc` is the farm not answering (the set is tried again next poll), not the set's fault."""
         return False
 
+    def check(self, opts: WatchOptions) -> None:
+        """Refuse, before any set is started, what would fail every set (the farm's API checks at submit)."""
+
 
 class EmbeddedBackend(Backend):
     """Each set evaluated on this machine, one at a time, by the runner behind `evalfarm eval`."""
@@ -142,6 +145,24 @@ class EmbeddedBackend(Backend):
     def unfinished(self, rec: SetRecord) -> bool:
         return False
 
+    def check(self, opts: WatchOptions) -> None:
+        """The reference must be a named reference, a statistics file or a readable sample set: else every
+        set's job would fail on it."""
+        if opts.ref is None:
+            return
+        from evalfarm.errors import SourceError
+        from evalfarm.scheduler import records
+        from evalfarm.scheduler.references import is_stats_file
+        from evalfarm.sources import open_source
+
+        if records.named_reference(self.sessions, opts.ref) is not None or is_stats_file(opts.ref):
+            return
+        try:
+            open_source(opts.ref)
+        except SourceError as exc:
+            raise SourceError(f"--ref {opts.ref!r} is neither a named reference (`evalfarm ref list`) nor a "
+                              f"readable sample set: {exc}") from None
+
 
 class FarmBackend(Backend):
     """Each set submitted to the farm (its API, or its database directly), many in flight at once."""
@@ -187,9 +208,15 @@ class Watcher:
         self._stop = stop
         with StateLock(self.opts.state_file):
             self.state = WatchState.load(self.opts.state_file, self.opts.run)  # as the last holder left it
-            if self.opts.retry_failed:
-                for name in [n for n, r in self.state.sets.items() if r.state == SetState.FAILED]:
+            self.backend.check(self.opts)
+            failed = sorted(n for n, r in self.state.sets.items() if r.state == SetState.FAILED)
+            if failed and self.opts.retry_failed:
+                for name in failed:
                     del self.state.sets[name]
+            elif failed:
+                self.log(f"{len(failed)} set(s) failed in an earlier watch and are not evaluated again: "
+                         f"{', '.join(failed)} (their errors are in {self.opts.state_file}; --retry-failed "
+                         "evaluates them again)")
             while True:
                 waiting = self.poll(settling=once)
                 if stop() or (once and not waiting):
@@ -263,6 +290,11 @@ class Watcher:
         try:
             result = self.backend.start(s, rec.key, self.opts, on_job)
         except Exception as exc:
+            if self._stop():  # stopped mid-evaluation (a signal to the whole process group kills the loaders)
+                del self.state.sets[s.name]
+                self.state.save()
+                self.log(f"step {s.step}: stopped while evaluating {s.name}; the next watch evaluates it")
+                return
             if rec.job_id is None:  # no job was made: nothing about this set is known yet
                 del self.state.sets[s.name]
                 self.state.save()
