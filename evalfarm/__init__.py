@@ -33,6 +33,7 @@ def evaluate(
     *,
     config: EvalConfig | None = None,
     weights: str | None = None,
+    extractor_weights: dict[str, str] | None = None,
     device: str | None = None,
     settings: Settings | None = None,
     progress: bool = False,
@@ -40,12 +41,17 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run a whole evaluation on this machine (embedded mode) and return the result document.
 
-    `config_fields` are `EvalConfig` fields (metrics, splits, kid_subset_size, ...), as the CLI flags.
+    `config_fields` are `EvalConfig` fields (metrics, extractors, splits, kid_subset_size, ...), as the CLI flags.
+    `weights` is Inception's weight file, `extractor_weights` maps other extractors to theirs.
     """
+    from evalfarm.config import default_metrics
     from evalfarm.scheduler.embedded import run_embedded
 
+    if "extractors" in config_fields and config is None and "metrics" not in config_fields:
+        config_fields["metrics"] = default_metrics(EvalConfig(metrics=(), extractors=config_fields["extractors"]).extractors)
     cfg = (config or EvalConfig()).with_(**config_fields)
-    return run_embedded(samples, ref, cfg, settings=settings, weights=weights, device=device, progress=progress)
+    return run_embedded(samples, ref, cfg, settings=settings, weights=weights, extractor_weights=extractor_weights,
+                        device=device, progress=progress)
 
 
 __all__ = [

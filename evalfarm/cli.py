@@ -15,7 +15,15 @@ from typing import Any
 import click
 
 from evalfarm import keys
-from evalfarm.config import DEFAULT_SEED, DEFAULT_SHARD_SIZE, EvalConfig, parse_metrics
+from evalfarm.config import (
+    DEFAULT_SEED,
+    DEFAULT_SHARD_SIZE,
+    PRC_NEIGHBORHOOD,
+    EvalConfig,
+    default_metrics,
+    parse_extractors,
+    parse_metrics,
+)
 from evalfarm.errors import EvalfarmError
 from evalfarm.export import TARGET_FORMS as EXPORT_TARGETS
 from evalfarm.settings import get_settings
@@ -44,7 +52,12 @@ def metric_options(fn: Callable) -> Callable:
     """The flags that define how metrics are computed, shared by `eval` and `submit`."""
     d = EvalConfig()
     options = [
-        click.option("--metrics", default="is,fid,kid", show_default=True, help="Comma-separated subset of is,fid,kid."),
+        click.option("--metrics", default=None,
+                     help="Comma-separated subset of is,fid,kid,prc (prc: precision, recall and F-score). "
+                          "[default: is,fid,kid; fid,kid when --extractor leaves out Inception]"),
+        click.option("--extractor", "extractors", default=None, metavar="NAME[,NAME...]",
+                     help="Feature extractors for FID, KID and PRC, the first reported under torch-fidelity's keys: "
+                          f"{', '.join(keys.EXTRACTOR_NAMES)} (default: {keys.INCEPTION}, and {keys.VGG16} for prc)."),
         click.option("--splits", type=int, default=d.splits, show_default=True, help="Inception Score splits."),
         click.option("--kid-subsets", type=int, default=d.kid_subsets, show_default=True),
         click.option("--kid-subset-size", type=int, default=d.kid_subset_size, show_default=True),
@@ -58,6 +71,8 @@ def metric_options(fn: Callable) -> Callable:
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
                      help="Lower precision is faster on GPUs but moves the numbers; fp32 matches the reference."),
         click.option("--no-cache", is_flag=True, help="Neither reuse nor store cached reference statistics."),
+        click.option("--prc-neighborhood", type=int, default=PRC_NEIGHBORHOOD, show_default=True,
+                     help="Precision/recall: a sample's radius reaches its k-th nearest neighbour."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -66,8 +81,12 @@ def metric_options(fn: Callable) -> Callable:
 
 def config_from_flags(kw: dict[str, Any]) -> EvalConfig:
     try:
+        extractors = parse_extractors(kw.pop("extractors") or "")
+        metrics = kw.pop("metrics")
+        if metrics is None:  # IS exists on Inception alone: not asked for by default when Inception is not used
+            metrics = ",".join(default_metrics(extractors))
         return EvalConfig(
-            metrics=parse_metrics(kw.pop("metrics")),
+            metrics=parse_metrics(metrics),
             splits=kw.pop("splits"),
             kid_subsets=kw.pop("kid_subsets"),
             kid_subset_size=kw.pop("kid_subset_size"),
@@ -78,9 +97,40 @@ def config_from_flags(kw: dict[str, Any]) -> EvalConfig:
             shard_size=kw.pop("shard_size"),
             precision=kw.pop("precision"),
             cache=not kw.pop("no_cache"),
+            extractors=extractors,
+            prc_neighborhood=kw.pop("prc_neighborhood"),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+
+
+def extractor_weights_option(fn: Callable) -> Callable:
+    return click.option(
+        "--extractor-weights", "extractor_weights", multiple=True, metavar="[NAME=]PATH",
+        help="Local weight file of an extractor other than Inception (env EVALFARM_WEIGHTS_<NAME>, e.g. "
+             "EVALFARM_WEIGHTS_DINOV2_VIT_L_14). NAME= may be left out when one such extractor is used. Repeatable.",
+    )(fn)
+
+
+def parse_extractor_weights(values: tuple[str, ...], config: EvalConfig) -> dict[str, str]:
+    """NAME=PATH pairs; a bare PATH belongs to the one extractor other than Inception the job uses."""
+    others = [e for e in config.featurizers if e != keys.INCEPTION]
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and name in keys.EXTRACTOR_NAMES:
+            out[name] = path
+        elif len(others) == 1:
+            out[others[0]] = value
+        else:
+            raise click.BadParameter(
+                f"--extractor-weights {value!r}: say which extractor it is for (NAME=PATH); this job uses "
+                f"{', '.join(others) or 'no extractor other than Inception (use --weights for it)'}"
+            )
+    unused = [n for n in out if n not in config.featurizers]
+    if unused:
+        raise click.BadParameter(f"--extractor-weights for {', '.join(unused)}, which this job does not use")
+    return out
 
 
 def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
@@ -93,26 +143,47 @@ def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+_ROWS = (  # label on Inception, label on other extractors, value key, std key
+    ("Inception Score", "Inception Score", keys.KEY_IS_MEAN, keys.KEY_IS_STD),
+    ("FID", "FD", keys.KEY_FID, None),
+    ("KID", "KD", keys.KEY_KID_MEAN, keys.KEY_KID_STD),
+    ("Precision", "Precision", keys.KEY_PRECISION, None),
+    ("Recall", "Recall", keys.KEY_RECALL, None),
+    ("F-score", "F-score", keys.KEY_F_SCORE, None),
+)
+
+
 def format_result(result: dict[str, Any]) -> str:
+    extractors = result.get("extractors") or {
+        keys.INCEPTION: {"weights_sha256": result.get("weights_sha256"),
+                         "weights_canonical": result.get("weights_canonical", True), "metrics": result}
+    }
     lines = []
-    if not result.get("weights_canonical", True):
-        lines.append(SEEDED_WEIGHTS_WARNING.format(sha=result["weights_sha256"][:12]))
-    rows = [
-        ("Inception Score", keys.KEY_IS_MEAN, keys.KEY_IS_STD),
-        ("FID", keys.KEY_FID, None),
-        ("KID", keys.KEY_KID_MEAN, keys.KEY_KID_STD),
-    ]
-    for label, mean_key, std_key in rows:
-        if mean_key in result:
-            value = f"{result[mean_key]:.6g}" + (f" ± {result[std_key]:.4g}" if std_key else "")
-            lines.append(f"  {label:<16} {value}")
+    for name, info in extractors.items():
+        if info.get("weights_canonical") is False:
+            if name == keys.INCEPTION:
+                lines.append(SEEDED_WEIGHTS_WARNING.format(sha=(info.get("weights_sha256") or "")[:12]))
+            else:
+                lines.append(f"WARNING: these {name} weights are not its published file (sha256 "
+                             f"{(info.get('weights_sha256') or '')[:12]}…); the numbers are not publishable.")
+    for name, info in extractors.items():
+        values = info.get("metrics") or {}
+        if len(extractors) > 1 and values:
+            lines.append(f"  {name}")
+        for inception_label, label, mean_key, std_key in _ROWS:
+            if mean_key in values:
+                shown = inception_label if name == keys.INCEPTION else label
+                value = f"{values[mean_key]:.6g}" + (f" ± {values[std_key]:.4g}" if std_key else "")
+                lines.append(f"  {shown:<16} {value}")
     lines.append(f"  {'samples':<16} {result.get('n_samples')}   reference: {result.get('n_reference')}")
     ips = result.get("images_per_second")
     lines.append(
         f"  {'featurized':<16} {result.get('images_featurized')} images"
         + (f" at {ips:.1f} images/s" if ips else " (reference statistics reused)")
     )
-    lines.append(f"  {'resize':<16} {result.get('resize')}   weights sha256 {result['weights_sha256'][:16]}…")
+    held = ", ".join(f"{n} {(i.get('weights_sha256') or '')[:16]}…" if len(extractors) > 1
+                     else f"{(i.get('weights_sha256') or '')[:16]}…" for n, i in extractors.items())
+    lines.append(f"  {'resize':<16} {result.get('resize')}   weights sha256 {held}")
     lines.append(f"  {'job':<16} {result.get('job_id')}")
     return "\n".join(lines)
 
@@ -152,6 +223,7 @@ def main() -> None:
 @click.option("--ref", help="Reference: a sample set, a named reference, or a pytorch-fid mu/sigma .npz.")
 @metric_options
 @click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local Inception weight file (env EVALFARM_WEIGHTS).")
+@extractor_weights_option
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto (default: EVALFARM_DEVICE or auto).")
 @click.option("--loader-workers", type=int, default=None, help="Decoding processes (default: EVALFARM_LOADER_WORKERS, else cores - 1, at most 8).")
 @click.option("--json", "json_path", help="Write the result document to this file ('-' for stdout).")
@@ -162,16 +234,17 @@ def main() -> None:
               help=f"Then export the run to {EXPORT_TARGETS} (needs --run). Repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors
-def eval_cmd(samples: str, ref: str | None, weights: str | None, device: str | None, loader_workers: int | None,
-             json_path: str | None, run: str | None, step: int | None, tags: tuple[str, ...],
-             exports: tuple[str, ...], quiet: bool, **kw: Any) -> None:
+def eval_cmd(samples: str, ref: str | None, weights: str | None, extractor_weights: tuple[str, ...],
+             device: str | None, loader_workers: int | None, json_path: str | None, run: str | None,
+             step: int | None, tags: tuple[str, ...], exports: tuple[str, ...], quiet: bool, **kw: Any) -> None:
     """Evaluate SAMPLES on this machine (no servers needed); stores the result in the local database."""
     from evalfarm.scheduler.embedded import run_embedded
 
     config = config_from_flags(kw)
     check_exports(exports, run)
     result = run_embedded(
-        samples, ref, config, weights=weights, device=device, run=run, step=step, tags=parse_tags(tags),
+        samples, ref, config, weights=weights, extractor_weights=parse_extractor_weights(extractor_weights, config),
+        device=device, run=run, step=step, tags=parse_tags(tags),
         progress=not quiet, num_workers=loader_workers,
     )
     click.echo(format_result(result), err=json_path == "-")
@@ -247,13 +320,15 @@ def results_cmd(run: str | None, metric: str | None, fmt: str, limit: int | None
               help="Submit to the farm, or evaluate here (default: the farm when EVALFARM_API_URL is set).")
 @metric_options
 @click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local Inception weight file, embedded (env EVALFARM_WEIGHTS).")
+@extractor_weights_option
 @click.option("--device", default=None, help="Embedded: cpu, cuda, cuda:N or auto.")
 @click.option("--tag", "tags", multiple=True, help="KEY=VALUE, repeatable.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_errors
 def watch_cmd(directory: Path, run: str, ref: str | None, pattern: str, every_s: float, step_regex: str | None,
               once: bool, state_path: Path | None, exports: tuple[str, ...], retry_failed: bool, on_farm: bool | None,
-              weights: str | None, device: str | None, tags: tuple[str, ...], quiet: bool, **kw: Any) -> None:
+              weights: str | None, extractor_weights: tuple[str, ...], device: str | None, tags: tuple[str, ...],
+              quiet: bool, **kw: Any) -> None:
     """Evaluate each new complete sample set under DIRECTORY once, as a sidecar of a training job.
 
     A set (a folder, .npz/.npy, or a tar/zip archive) is complete when NAME.DONE (or DONE inside a set
@@ -265,13 +340,14 @@ def watch_cmd(directory: Path, run: str, ref: str | None, pattern: str, every_s:
 
     config = config_from_flags(kw)
     if config.needs_reference and ref is None:
-        raise click.UsageError("--ref is required for FID and KID (or pass --metrics is)")
+        raise click.UsageError("--ref is required for FID, KID and PRC (or pass --metrics is)")
     if every_s <= 0:
         raise click.BadParameter("--every must be positive")
     check_exports(exports, run)
     on_farm = bool(get_settings().api_url) if on_farm is None else on_farm
-    backend = FarmBackend(farm_client()) if on_farm else EmbeddedBackend(weights=weights, device=device,
-                                                                         progress=not quiet)
+    paths = parse_extractor_weights(extractor_weights, config)
+    backend = FarmBackend(farm_client()) if on_farm else EmbeddedBackend(weights=weights, extractor_weights=paths,
+                                                                         device=device, progress=not quiet)
     opts = WatchOptions(
         root=directory.resolve(), run=run, ref=ref and (submitted_path(ref) if on_farm else ref), config=config,
         pattern=pattern, every_s=every_s, step_regex=step_regex, state_path=state_path, tags=parse_tags(tags),
@@ -324,12 +400,15 @@ def export_cmd(run: str, targets: tuple[str, ...]) -> None:
 @main.command("plot")
 @click.option("--run", "runs", multiple=True, required=True, help="A run to draw; repeat to compare runs.")
 @click.option("--metric", type=click.Choice(list(keys.METRIC_FAMILIES)), default="fid", show_default=True)
+@click.option("--extractor", type=click.Choice(list(keys.EXTRACTOR_NAMES)), default=None,
+              help=f"The metric on this extractor's features (default: {keys.INCEPTION}).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The file to write: .png, .svg or .pdf.")
 @click.option("--title", help="The plot's title (default: the metric against step).")
 @click.option("--dpi", type=click.IntRange(30, 600), default=150, show_default=True)
 @_errors
-def plot_cmd(runs: tuple[str, ...], metric: str, output: Path, title: str | None, dpi: int) -> None:
+def plot_cmd(runs: tuple[str, ...], metric: str, extractor: str | None, output: Path, title: str | None,
+             dpi: int) -> None:
     """Plot a metric against the training step, one line per run (± std bands for IS and KID), from the
     farm's API (EVALFARM_API_URL) or the results database."""
     from evalfarm.plot import plot_runs
@@ -337,8 +416,9 @@ def plot_cmd(runs: tuple[str, ...], metric: str, output: Path, title: str | None
 
     source = results_source()
     histories = {run: require_history(run, source) for run in dict.fromkeys(runs)}
-    drawn = plot_runs(histories, metric, output, title=title, dpi=dpi)
-    click.echo(f"{output}: {keys.METRIC_LABELS[metric]} of {', '.join(histories)}, {drawn} points")
+    drawn = plot_runs(histories, metric, output, title=title, dpi=dpi, extractor=extractor)
+    on = f" on {extractor}" if extractor else ""
+    click.echo(f"{output}: {keys.METRIC_LABELS[metric]}{on} of {', '.join(histories)}, {drawn} points")
 
 
 @main.group("ref")
@@ -352,18 +432,27 @@ def ref_group() -> None:
 @click.option("--resize", type=click.Choice(["tf", "clean"]), default="tf", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, show_default=True)
+@click.option("--extractor", "extractors", default=None, metavar="NAME[,NAME...]",
+              help=f"Extractors to store statistics of (default: {keys.INCEPTION}); evaluations against this "
+                   "reference may use any of them.")
 @click.option("--weights", envvar="EVALFARM_WEIGHTS", help="Local weight file, for --local (the farm uses its workers' weights).")
+@extractor_weights_option
 @click.option("--device", default=None)
 @click.option("--quiet", is_flag=True)
 @click.option("--local/--farm", "local", default=None,
               help="Where to featurize (default: the farm when EVALFARM_DATABASE_URL is set, else here).")
 @_errors
-def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size: int, weights: str | None,
-               device: str | None, quiet: bool, local: bool | None) -> None:
+def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size: int, extractors: str | None,
+               weights: str | None, extractor_weights: tuple[str, ...], device: str | None, quiet: bool,
+               local: bool | None) -> None:
     """Featurize SAMPLES once and register the statistics as NAME."""
     from evalfarm.scheduler.embedded import run_embedded
 
-    config = EvalConfig(metrics=(), resize=resize, batch_size=batch_size, shard_size=shard_size)
+    try:
+        config = EvalConfig(metrics=(), resize=resize, batch_size=batch_size, shard_size=shard_size,
+                            extractors=parse_extractors(extractors or ""))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
     if local is False or (local is None and get_settings().database_url):
         from evalfarm.farm import Farm
 
@@ -373,10 +462,11 @@ def ref_create(name: str, samples: str, resize: str, batch_size: int, shard_size
         result = farm.wait(job_id)
         click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}")
         return
-    result = run_embedded(samples, None, config, weights=weights, device=device, kind=keys.JOB_REFERENCE,
-                       reference_name=name, progress=not quiet)
-    click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}, "
-               f"weights {result['weights_sha256'][:16]}…")
+    result = run_embedded(samples, None, config, weights=weights,
+                          extractor_weights=parse_extractor_weights(extractor_weights, config), device=device,
+                          kind=keys.JOB_REFERENCE, reference_name=name, progress=not quiet)
+    held = ", ".join(f"{e} (weights {v['weights_sha256'][:16]}…)" for e, v in result["extractors"].items())
+    click.echo(f"reference {name}: {result['n_samples']} images, resize {resize}, {held}")
 
 
 @ref_group.command("list")

@@ -9,7 +9,61 @@ KEY_FID = "frechet_inception_distance"
 KEY_KID_MEAN = "kernel_inception_distance_mean"
 KEY_KID_STD = "kernel_inception_distance_std"
 
+KEY_PRECISION = "precision"
+KEY_RECALL = "recall"
+KEY_F_SCORE = "f_score"
+
+#: the keys of the default metrics (IS, FID, KID), and of every metric
 METRIC_KEYS = (KEY_IS_MEAN, KEY_IS_STD, KEY_FID, KEY_KID_MEAN, KEY_KID_STD)
+ALL_METRIC_KEYS = (*METRIC_KEYS, KEY_PRECISION, KEY_RECALL, KEY_F_SCORE)
+#: the keys each metric reports (torch-fidelity's names)
+KEYS_OF_METRIC: dict[str, tuple[str, ...]] = {
+    "is": (KEY_IS_MEAN, KEY_IS_STD),
+    "fid": (KEY_FID,),
+    "kid": (KEY_KID_MEAN, KEY_KID_STD),
+    "prc": (KEY_PRECISION, KEY_RECALL, KEY_F_SCORE),
+}
+
+#: `--extractor` names, torch-fidelity 0.4.0's (the table with their networks is `evalfarm.models.extractors`;
+#: kept here so that configs validate without importing torch)
+INCEPTION = "inception-v3-compat"
+VGG16 = "vgg16"
+EXTRACTOR_NAMES = (
+    INCEPTION,
+    "dinov2-vit-s-14",
+    "dinov2-vit-b-14",
+    "dinov2-vit-l-14",
+    "dinov2-vit-g-14",
+    "clip-vit-b-32",
+    "clip-vit-b-16",
+    "clip-vit-l-14",
+    "clip-vit-l-14-336px",
+    VGG16,
+)
+#: torch-fidelity's extractor for each metric when none is named: Inception, and VGG16 for precision/recall
+DEFAULT_EXTRACTOR = {"is": INCEPTION, "fid": INCEPTION, "kid": INCEPTION, "prc": VGG16}
+
+
+def weights_env_var(extractor: str) -> str:
+    """Where a machine is told the local weight file of an extractor: EVALFARM_WEIGHTS for Inception,
+    EVALFARM_WEIGHTS_DINOV2_VIT_L_14 for dinov2-vit-l-14, and so on."""
+    return "EVALFARM_WEIGHTS" if extractor == INCEPTION else "EVALFARM_WEIGHTS_" + extractor.upper().replace("-", "_")
+
+
+def qualified_key(key: str, extractor: str) -> str:
+    """A result's name in the results database: torch-fidelity's key when computed on its default extractor for
+    that metric, else `key@extractor`, so that a run's history never mixes features of two networks."""
+    metric = next(m for m, ks in KEYS_OF_METRIC.items() if key in ks)
+    return key if DEFAULT_EXTRACTOR[metric] == extractor else f"{key}@{extractor}"
+
+
+def split_qualified(name: str) -> tuple[str, str]:
+    """(torch-fidelity key, extractor) of a results-database name."""
+    key, _, extractor = name.partition("@")
+    if not extractor:
+        metric = next((m for m, ks in KEYS_OF_METRIC.items() if key in ks), "fid")
+        extractor = DEFAULT_EXTRACTOR[metric]
+    return key, extractor
 #: short names accepted by `evalfarm results --metric`
 METRIC_ALIASES = {"is": KEY_IS_MEAN, "fid": KEY_FID, "kid": KEY_KID_MEAN}
 

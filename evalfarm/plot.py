@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from evalfarm.errors import EvalfarmError
-from evalfarm.keys import METRIC_FAMILIES, METRIC_LABELS
+from evalfarm.keys import INCEPTION, METRIC_FAMILIES, METRIC_LABELS
 from evalfarm.runs import Point, series
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -18,7 +18,7 @@ DEFAULT_SIZE = (8.0, 4.5)  #: inches; at the default 150 dpi, 1200 x 675 pixels
 
 
 def plot_runs(histories: Mapping[str, Sequence[Point]], family: str, out: Path, *, title: str | None = None,
-              dpi: int = 150) -> int:
+              dpi: int = 150, extractor: str | None = None) -> int:
     """Draw `family` (is, fid, kid) of each run against its step into `out`; returns the points drawn.
     Results without a step, or without that metric, are left out."""
     if family not in METRIC_FAMILIES:
@@ -33,10 +33,10 @@ def plot_runs(histories: Mapping[str, Sequence[Point]], family: str, out: Path, 
     except ImportError as exc:
         raise EvalfarmError("plots need matplotlib: pip install 'evalfarm[plot]'") from exc
 
-    drawn = {run: series(points, family) for run, points in histories.items()}
+    drawn = {run: series(points, family, extractor) for run, points in histories.items()}
+    label = METRIC_LABELS[family] + (f" ({extractor})" if extractor and extractor != INCEPTION else "")
     if not any(drawn.values()):
-        raise EvalfarmError(f"no result of {', '.join(map(repr, drawn))} has {METRIC_LABELS[family]} at a step")
-    label = METRIC_LABELS[family]
+        raise EvalfarmError(f"no result of {', '.join(map(repr, drawn))} has {label} at a step")
     fig, ax = plt.subplots(figsize=DEFAULT_SIZE, layout="constrained")
     try:
         for i, (run, s) in enumerate(drawn.items()):

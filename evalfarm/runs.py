@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from evalfarm.errors import EvalfarmError
-from evalfarm.keys import METRIC_FAMILIES, is_canonical_inception
+from evalfarm.keys import METRIC_FAMILIES, is_canonical_inception, qualified_key
 from evalfarm.settings import Settings, get_settings
 
 PAGE = 1000  #: results read per request (the API's bound on one page)
@@ -38,15 +38,23 @@ class Point:
     finished_at: datetime | None
     metrics: dict[str, float] = field(default_factory=dict)
     weights_sha256: str | None = None
+    weights_canonical: bool | None = None
+    """As the result recorded it: False when some extractor's weights are not its published file."""
 
     @property
     def canonical_weights(self) -> bool:
-        """Whether the result came from the published FID-Inception file (else: not a publishable number)."""
+        """Whether the result came from published weights (else: not a publishable number). Results recorded
+        before they said so are judged by their Inception weights."""
+        if self.weights_canonical is not None:
+            return self.weights_canonical
         return is_canonical_inception(self.weights_sha256)
 
-    def value(self, family: str) -> tuple[float, float | None] | None:
-        """(value, std) of a metric family (`is`, `fid`, `kid`), or None when this result lacks it."""
+    def value(self, family: str, extractor: str | None = None) -> tuple[float, float | None] | None:
+        """(value, std) of a metric family (`is`, `fid`, `kid`) on an extractor (default: the family's own,
+        Inception), or None when this result lacks it."""
         key, std_key = METRIC_FAMILIES[family]
+        if extractor is not None:
+            key, std_key = qualified_key(key, extractor), std_key and qualified_key(std_key, extractor)
         if key not in self.metrics:
             return None
         return self.metrics[key], (self.metrics.get(std_key) if std_key else None)
@@ -83,7 +91,8 @@ def run_history(run: str, source: ResultsSource | None = None) -> list[Point]:
     rows = all_results(source or results_source(), run)
     points = [
         Point(run=r["run"], step=r["step"], job_id=r["job_id"], finished_at=_time(r.get("finished_at")),
-              metrics={k: float(v) for k, v in r["metrics"].items()}, weights_sha256=r.get("weights_sha256"))
+              metrics={k: float(v) for k, v in r["metrics"].items()}, weights_sha256=r.get("weights_sha256"),
+              weights_canonical=r.get("weights_canonical"))
         for r in rows
     ]
     return sorted(points, key=lambda p: (p.step is None, p.step or 0, p.finished_at or _EPOCH))
@@ -104,12 +113,12 @@ def all_results(source: ResultsSource, run: str, metric: str | None = None) -> l
             return rows
 
 
-def series(points: Sequence[Point], family: str) -> list[tuple[int, float, float | None]]:
+def series(points: Sequence[Point], family: str, extractor: str | None = None) -> list[tuple[int, float, float | None]]:
     """(step, value, std) of one metric family, by step: what a plot of the run draws. Results without a
     step, without this metric or with a non-finite value are left out."""
     out = []
     for p in points:
-        v = p.value(family)
+        v = p.value(family, extractor)
         if p.step is not None and v is not None and math.isfinite(v[0]):
             out.append((p.step, v[0], v[1]))
     return sorted(out, key=lambda t: t[0])

@@ -7,11 +7,13 @@ them test the arithmetic against torch-fidelity, and are not FID values of anyth
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from evalfarm.models.synthetic import write_synthetic_weights
+from evalfarm.models.synthetic_extractors import write_synthetic_extractor_weights
 
 from .helpers import KID_SUBSET, N_REFERENCE, N_SAMPLES, evaluate_in_home, use_home, write_images
 
@@ -29,6 +31,26 @@ def weights_path(data_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def other_weights_path(data_root: Path) -> Path:
     return write_synthetic_weights(data_root / "synthetic-inception-other.pth", seed=1)
+
+
+#: seeded weight files of the other extractors, under their canonical file names (torch.hub's cache names)
+EXTRACTOR_FILES = {"dinov2-vit-s-14": "dinov2_vits14_pretrain.pth", "clip-vit-b-32": "ViT-B-32.pt",
+                   "vgg16": "vgg16-397923af.pth"}
+
+
+@pytest.fixture(scope="session")
+def extractor_weights(data_root: Path) -> Callable[[str], Path]:
+    """`extractor_weights(name)`: that extractor's seeded weight file, written on first use (VGG16's is 528 MB)."""
+    folder = data_root / "extractor-weights"
+    folder.mkdir(exist_ok=True)
+    written: dict[str, Path] = {}
+
+    def path(name: str) -> Path:
+        if name not in written:
+            written[name] = write_synthetic_extractor_weights(name, folder / EXTRACTOR_FILES[name], seed=0)
+        return written[name]
+
+    return path
 
 
 @pytest.fixture(scope="session")

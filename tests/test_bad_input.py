@@ -87,7 +87,7 @@ def no_featurizing(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args: object, **kwargs: object) -> None:
         raise AssertionError("the job reached featurization; the input should have been refused while planning")
 
-    monkeypatch.setattr(embedded, "FeatureExtractor", forbidden)
+    monkeypatch.setattr(embedded, "build_featurizer", forbidden)
 
 
 # -- corrupt and empty sample sets (through the CLI) -------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_stats_file_of_other_weights_is_refused(
     samples: Path, tmp_path: Path, weights_path: Path, no_featurizing: None
 ) -> None:
     stats = write_stats_file(tmp_path / "stats.npz", weights_sha256=np.str_("0" * 64), resize=np.str_("tf"))
-    with pytest.raises(ReferenceMismatchError, match=r"other Inception weights \(sha256 000000000000"):
+    with pytest.raises(ReferenceMismatchError, match=r"other weights \(sha256 000000000000"):
         evalfarm.evaluate(str(samples), str(stats), weights=str(weights_path), metrics=("fid",))
     assert only_job().state == "failed"
 
@@ -238,7 +238,7 @@ def test_named_reference_of_other_weights_is_refused(
         str(reference), None, EvalConfig(metrics=()), weights=str(other_weights_path), kind=JOB_REFERENCE,
         reference_name="made-with-other-weights",
     )
-    with pytest.raises(ReferenceMismatchError, match=r"'made-with-other-weights' was computed with other Inception"):
+    with pytest.raises(ReferenceMismatchError, match=r"'made-with-other-weights' \(inception-v3-compat\) was computed with other weights"):
         evalfarm.evaluate(str(samples), "made-with-other-weights", weights=str(weights_path), metrics=("fid",))
     failed = jobs()[-1]
     assert failed.state == "failed" and failed.shards == []
@@ -248,7 +248,7 @@ def test_kid_with_a_mu_sigma_file_is_refused(
     samples: Path, tmp_path: Path, weights_path: Path, no_featurizing: None
 ) -> None:
     stats = write_stats_file(tmp_path / "stats.npz")
-    with pytest.raises(MetricInputError, match=r"holds only mu/sigma statistics; KID needs reference features"):
+    with pytest.raises(MetricInputError, match=r"holds only mu/sigma statistics; KID and precision/recall need reference features"):
         evalfarm.evaluate(str(samples), str(stats), weights=str(weights_path), metrics=("fid", "kid"))
 
 

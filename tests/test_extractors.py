@@ -18,7 +18,7 @@ import os
 import pickle
 import threading
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,6 @@ from evalfarm.models.extractors import (
 from evalfarm.models.synthetic_extractors import (
     make_clip_state,
     make_dinov2_state,
-    write_synthetic_extractor_weights,
 )
 from evalfarm.models.weights import file_sha256
 from evalfarm.settings import Settings
@@ -93,24 +92,19 @@ def isolated_torch_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("extractor-weights")
+def dinov2_path(extractor_weights: Callable[[str], Path]) -> Path:
+    return extractor_weights("dinov2-vit-s-14")
 
 
 @pytest.fixture(scope="module")
-def dinov2_path(weights_dir: Path) -> Path:
-    return write_synthetic_extractor_weights("dinov2-vit-s-14", weights_dir / "dinov2_vits14_pretrain.pth", seed=0)
-
-
-@pytest.fixture(scope="module")
-def clip_path(weights_dir: Path) -> Path:
+def clip_path(extractor_weights: Callable[[str], Path]) -> Path:
     # The full OpenAI layout, text tower included: torch-fidelity must drop it as it does for the real file.
-    return write_synthetic_extractor_weights("clip-vit-b-32", weights_dir / "ViT-B-32.pt", seed=0)
+    return extractor_weights("clip-vit-b-32")
 
 
 @pytest.fixture(scope="module")
-def vgg16_path(weights_dir: Path) -> Path:
-    return write_synthetic_extractor_weights("vgg16", weights_dir / "vgg16-397923af.pth", seed=0)
+def vgg16_path(extractor_weights: Callable[[str], Path]) -> Path:
+    return extractor_weights("vgg16")
 
 
 @pytest.fixture(scope="module")
@@ -359,9 +353,9 @@ def test_clip_reader_returns_torchscript_state_dict_without_loading_the_program(
 
 
 def test_clip_plain_state_dict_file_gives_the_same_features(
-    clip_path: Path, weights_dir: Path, images: torch.Tensor, our_features: dict
+    clip_path: Path, tmp_path: Path, images: torch.Tensor, our_features: dict
 ) -> None:
-    path = weights_dir / "clip-state-dict.pth"
+    path = tmp_path / "clip-state-dict.pth"
     visual = {k: v for k, v in clip.read_torchscript_tensors(clip_path).items() if k.startswith("visual.")}
     torch.save(visual, path)  # the visual tower's keys are all that a plain file needs
     assert np.array_equal(build("clip-vit-b-32", path, "cpu")(images), our_features["clip-vit-b-32"])

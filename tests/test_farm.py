@@ -225,3 +225,23 @@ def test_a_job_that_requires_other_weights_fails_at_planning(farm, farm_data):
     with pytest.raises(evalfarm.JobError, match=r"asks for Inception weights with sha256 000000000000"):
         client().wait(job_id, timeout=120)
     assert shards_of(job_id) == []  # refused before any shard was planned
+
+
+def test_a_job_with_two_extractors_equals_the_embedded_run(farm, farm_data, extractor_weights, weights_path,
+                                                          tmp_path_factory):
+    """Each shard is featurized by both networks from one decode; every value equals the embedded run's."""
+    start, _ = farm
+    dino = str(extractor_weights("dinov2-vit-s-14"))
+    start(extra_env={"EVALFARM_WEIGHTS_DINOV2_VIT_S_14": dino})
+    settings = dict(metrics=("is", "fid", "kid", "prc"), extractors=(keys.INCEPTION, "dinov2-vit-s-14"))
+    job_id = submit(farm_data, shard_size=7, **settings)
+    result = client().wait(job_id, timeout=600)
+    with in_home(tmp_path_factory.mktemp("embedded-two-extractors")):
+        expected = evalfarm.evaluate(str(farm_data[0]), str(farm_data[1]), weights=str(weights_path),
+                                     extractor_weights={"dinov2-vit-s-14": dino}, device="cpu", shard_size=1000,
+                                     cache=False, **CONFIG, **settings)
+    assert result["metric_keys"] == expected["metric_keys"] and len(result["metric_keys"]) == 14
+    for name in expected["metric_keys"]:
+        assert result[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-12), name
+    assert result["extractors"]["dinov2-vit-s-14"]["weights_sha256"] == \
+        expected["extractors"]["dinov2-vit-s-14"]["weights_sha256"]

@@ -29,7 +29,7 @@ from evalfarm.config import EvalConfig
 from evalfarm.db import Job, JobState, Result, Shard, ShardState, session_factory
 from evalfarm.db.models import utcnow
 from evalfarm.errors import JobCancelled, JobError, WeightsError
-from evalfarm.keys import JOB_EVAL, METRIC_KEYS
+from evalfarm.keys import INCEPTION, JOB_EVAL, METRIC_KEYS
 from evalfarm.metrics import FeatureStats
 from evalfarm.models import FeatureExtractor, Weights
 from evalfarm.models.weights import file_sha256
@@ -83,12 +83,14 @@ class DigestPartials:
         self._blobs: dict[tuple[str, str, int], bytes] = {}
         self._digests: dict[tuple[str, str, int], str] = {}
 
-    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
-        data = stats.to_bytes()
+    def put(self, job_id: str, side: str, shard: int, parts: dict[str, FeatureStats]) -> None:
+        data = parts[INCEPTION].to_bytes()  # these jobs use Inception alone
         self._blobs[(job_id, side, shard)] = data
         self._digests[(job_id, side, shard)] = hashlib.sha256(data).hexdigest()
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
+    def get(self, job_id: str, side: str, shard: int, *, features: bool,
+            extractor: str = INCEPTION) -> FeatureStats | None:
+        assert extractor == INCEPTION
         data = self._blobs.get((job_id, side, shard))
         if data is None or hashlib.sha256(data).hexdigest() != self._digests.get((job_id, side, shard)):
             return None
@@ -162,7 +164,7 @@ def planned_job(ctx: Context, image_sets: tuple[str, str], extractor: FeatureExt
                 config: EvalConfig = CONFIG) -> str:
     """A job created and planned with the extractor's weights; its shards are all pending."""
     job_id = new_job(ctx, image_sets, extractor.weights.sha256, config)
-    assert plan_job(ctx, job_id, extractor.weights.sha256).shards == ALL_SHARDS
+    assert plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256}).shards == ALL_SHARDS
     return job_id
 
 
@@ -211,7 +213,7 @@ def claim(ctx: Context, job_id: str, shard: ShardKey, extractor: FeatureExtracto
     """What a worker does first with a shard; one that dies right after leaves the shard `running`."""
     side, index = shard
     got = records.claim_shard(ctx.sessions, job_id, side, index, worker=worker,
-                              weights_sha256=extractor.weights.sha256, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS)
+                              weights={INCEPTION: extractor.weights.sha256}, lease_s=LEASE_S, max_attempts=MAX_ATTEMPTS)
     assert got is not None
     return got
 
@@ -362,7 +364,7 @@ def test_a_second_reducer_returns_the_recorded_result_and_records_nothing(
 def test_planning_twice_plans_once(ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor) -> None:
     job_id = planned_job(ctx, image_sets, extractor)
 
-    assert plan_job(ctx, job_id, extractor.weights.sha256) == PlanOutcome()
+    assert plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256}) == PlanOutcome()
     assert len(records.shards_of(ctx.sessions, job_id)) == len(ALL_SHARDS)
     assert records.get_job(ctx.sessions, job_id).state == JobState.RUNNING
 
@@ -413,11 +415,12 @@ class CancelDuringMerge(MemoryPartials):
         super().__init__()
         self.canceller: Context | None = None
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
+    def get(self, job_id: str, side: str, shard: int, *, features: bool,
+            extractor: str = INCEPTION) -> FeatureStats | None:
         if self.canceller is not None:
             ctx, self.canceller = self.canceller, None
             cancel_job(ctx, job_id)  # marks the job cancelled, then drops its partials
-        return super().get(job_id, side, shard, features=features)
+        return super().get(job_id, side, shard, features=features, extractor=extractor)
 
 
 def test_a_cancel_while_the_reducer_merges_is_not_undone(
@@ -559,7 +562,7 @@ def test_a_planner_that_died_is_planned_again(
     assert find_lost_work(ctx) == deadlines.LostWork([], queued=[job_id], reducing=[])
 
     assert records.get_job(ctx.sessions, job_id).state == JobState.QUEUED
-    assert plan_job(ctx, job_id, extractor.weights.sha256).shards == ALL_SHARDS
+    assert plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256}).shards == ALL_SHARDS
 
 
 def test_a_step_whose_message_was_lost_is_sent_again_once_its_deadline_passed(
@@ -587,7 +590,7 @@ def test_planning_pins_the_job_to_the_planners_weights(
 ) -> None:
     job_id = new_job(ctx, image_sets, weights_sha256=None)
 
-    plan_job(ctx, job_id, extractor.weights.sha256)
+    plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256})
 
     assert records.get_job(ctx.sessions, job_id).weights_sha256 == extractor.weights.sha256
 
@@ -598,7 +601,7 @@ def test_a_job_pinned_to_other_weights_fails_planning(
     job_id = new_job(ctx, image_sets, weights_sha256="0" * 64)
 
     with pytest.raises(WeightsError, match="000000000000"):
-        plan_job(ctx, job_id, extractor.weights.sha256)
+        plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256})
     assert records.shards_of(ctx.sessions, job_id) == []
     assert records.get_job(ctx.sessions, job_id).weights_sha256 == "0" * 64
 
@@ -611,9 +614,9 @@ def test_the_janitor_removes_partials_of_jobs_that_ended_long_ago_and_keeps_live
 ) -> None:
     ended, live = planned_job(ctx, image_sets, extractor), planned_job(ctx, image_sets, extractor)
     run(ctx, live, ALL_SHARDS[0], extractor)
-    ctx.partials.put(ended, *ALL_SHARDS[0], ctx.partials.get(live, *ALL_SHARDS[0], features=True))
+    ctx.partials.put(ended, *ALL_SHARDS[0], {INCEPTION: ctx.partials.get(live, *ALL_SHARDS[0], features=True)})
     cancel_job(ctx, ended)
-    ctx.partials.put(ended, *ALL_SHARDS[0], ctx.partials.get(live, *ALL_SHARDS[0], features=True))  # a leak
+    ctx.partials.put(ended, *ALL_SHARDS[0], {INCEPTION: ctx.partials.get(live, *ALL_SHARDS[0], features=True)})  # a leak
     assert sweep(ctx, retention_s=3600) == set()  # ended a moment ago: within the retention period
     age_job(ctx, ended, "finished_at")
     assert sweep(ctx, retention_s=3600) == {ended}
@@ -686,7 +689,7 @@ def test_a_planner_that_keeps_dying_fails_the_job_after_the_attempt_limit(
         assert find_lost_work(ctx).queued == [job_id]
 
     with pytest.raises(JobError, match=f"planning started {MAX_ATTEMPTS} times"):
-        plan_job(ctx, job_id, extractor.weights.sha256)
+        plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256})
 
 
 def test_a_final_shard_failure_fails_its_job_in_the_same_step(
@@ -702,7 +705,7 @@ def test_a_final_shard_failure_fails_its_job_in_the_same_step(
 
 def test_the_janitor_leaves_alone_jobs_this_database_does_not_know(ctx: Context) -> None:
     stranger = FeatureStats.of(pool3_rows(4))
-    ctx.partials.put("a-job-of-another-farm", SAMPLES, 0, stranger)
+    ctx.partials.put("a-job-of-another-farm", SAMPLES, 0, {INCEPTION: stranger})
 
     assert sweep(ctx, retention_s=0) == set()
     assert ctx.partials.get("a-job-of-another-farm", SAMPLES, 0, features=False) is stranger

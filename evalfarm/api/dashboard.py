@@ -26,7 +26,15 @@ from evalfarm.api import login
 from evalfarm.api.svg import Series, colour, line_chart
 from evalfarm.errors import JobNotFound
 from evalfarm.farm import Farm
-from evalfarm.keys import METRIC_FAMILIES, METRIC_LABELS
+from evalfarm.keys import (
+    INCEPTION,
+    KEY_F_SCORE,
+    KEY_PRECISION,
+    KEY_RECALL,
+    METRIC_FAMILIES,
+    METRIC_LABELS,
+    VGG16,
+)
 from evalfarm.runs import run_history, series
 from evalfarm.scheduler import queries
 from evalfarm.scheduler.tokens import Principal
@@ -149,9 +157,32 @@ def job_page(job_id: str, request: Request, who: Principal = Depends(login.viewe
         return error_page(request, 404, "No such job", f"There is no job {job_id!r}.", who=who)
     live = job["state"] in {s.value for s in queries.LIVE_STATES}
     result = job["result"] or {}
-    metrics = [{"family": family, "value": result[key], "std": result.get(std_key) if std_key else None}
-               for family, (key, std_key) in ((f, METRIC_FAMILIES[f]) for f in FAMILIES) if key in result]
-    return render(request, "job.html", who, job=job, metrics=metrics, refresh=REFRESH_S if live else None)
+    return render(request, "job.html", who, job=job, metrics=result_rows(result),
+                  refresh=REFRESH_S if live else None)
+
+
+_PRC_ROWS = (("precision", KEY_PRECISION, "Precision"), ("recall", KEY_RECALL, "Recall"),
+             ("f_score", KEY_F_SCORE, "F-score"))
+
+
+def result_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A finished job's values, each labelled with its extractor where that is not the metric's default one
+    (a DINOv2 Fréchet distance is not an FID)."""
+    by_extractor = result.get("extractors") or {INCEPTION: {"metrics": result}}
+    rows = []
+    for extractor, info in by_extractor.items():
+        values = info.get("metrics") or {}
+        for family in FAMILIES:
+            key, std_key = METRIC_FAMILIES[family]
+            if key in values:
+                label = METRIC_LABELS[family] if extractor == INCEPTION else f"{METRIC_LABELS[family]} on {extractor}"
+                rows.append({"family": family, "label": label, "value": values[key],
+                             "std": values.get(std_key) if std_key else None})
+        for family, key, name in _PRC_ROWS:
+            if key in values:
+                rows.append({"family": family, "label": name if extractor == VGG16 else f"{name} on {extractor}",
+                             "value": values[key], "std": None})
+    return rows
 
 
 # -- rendering -------------------------------------------------------------------------------------------------------

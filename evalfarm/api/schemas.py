@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from evalfarm.config import METRICS, EvalConfig
+from evalfarm.config import METRICS, EvalConfig, default_metrics
+from evalfarm.keys import EXTRACTOR_NAMES
 
 _DEFAULTS = EvalConfig()
 MAX_TAGS = 64
@@ -16,7 +17,8 @@ MAX_STEP = 2**31 - 1  #: jobs.step is a 32-bit integer column
 MAX_SEED = 2**32 - 1  #: numpy's RandomState takes no larger seed
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
-Metric = Literal["is", "fid", "kid"]
+Metric = Literal["is", "fid", "kid", "prc"]
+Extractor = Literal[EXTRACTOR_NAMES]  # type: ignore[valid-type]
 
 
 class JobRequest(BaseModel):
@@ -28,8 +30,10 @@ class JobRequest(BaseModel):
                          description="An absolute path or URL inside the farm's EVALFARM_SAMPLE_ROOTS.")
     ref: str | None = Field(None, min_length=1, max_length=4096,
                             description="A named reference, or a path or URL inside EVALFARM_SAMPLE_ROOTS.")
-    metrics: list[Metric] = Field(default_factory=lambda: list(_DEFAULTS.metrics), min_length=1,
-                                  description=f"A subset of {', '.join(METRICS)}; a comma-separated string also works.")
+    metrics: list[Metric] | None = Field(None, min_length=1,
+                                         description=f"A subset of {', '.join(METRICS)}; a comma-separated string "
+                                                     "also works. Default: is, fid and kid (fid and kid when the "
+                                                     "extractors leave out inception-v3-compat).")
     splits: int = Field(_DEFAULTS.splits, ge=1, le=10_000)
     kid_subsets: int = Field(_DEFAULTS.kid_subsets, ge=1, le=100_000)
     kid_subset_size: int = Field(_DEFAULTS.kid_subset_size, ge=1)
@@ -40,6 +44,10 @@ class JobRequest(BaseModel):
     shard_size: int = Field(_DEFAULTS.shard_size, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = _DEFAULTS.precision
     cache: bool = _DEFAULTS.cache
+    extractors: list[Extractor] = Field(default_factory=list, max_length=len(EXTRACTOR_NAMES),
+                                        description="Extractors for FID, KID and PRC; empty: torch-fidelity's "
+                                                    "defaults (Inception, and VGG16 for PRC).")
+    prc_neighborhood: int = Field(_DEFAULTS.prc_neighborhood, ge=1, le=1000)
     run: str | None = Field(None, min_length=1, max_length=200)
     step: int | None = Field(None, ge=0, le=MAX_STEP)
     tags: dict[str, str] = Field(default_factory=dict, max_length=MAX_TAGS)
@@ -51,7 +59,7 @@ class JobRequest(BaseModel):
                                      description="POSTed a signed JSON body when the job ends; its host must be "
                                                  "in EVALFARM_CALLBACK_HOSTS.")
 
-    @field_validator("metrics", mode="before")
+    @field_validator("metrics", "extractors", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -73,8 +81,10 @@ class JobRequest(BaseModel):
         return value
 
     def config(self) -> EvalConfig:
-        fields = self.model_dump(include=set(EvalConfig.__dataclass_fields__) - {"metrics", "extra"})
-        return EvalConfig(metrics=tuple(dict.fromkeys(self.metrics)), **fields)
+        fields = self.model_dump(include=set(EvalConfig.__dataclass_fields__) - {"metrics", "extra", "extractors"})
+        extractors = tuple(self.extractors)
+        metrics = tuple(dict.fromkeys(self.metrics)) if self.metrics is not None else default_metrics(extractors)
+        return EvalConfig(metrics=metrics, extractors=extractors, **fields)
 
 
 class JobCreated(BaseModel):

@@ -142,6 +142,9 @@ class Reference(Base):
     n: Mapped[int] = mapped_column(Integer)
     store_key: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    extractors: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    """{extractor: {"weights_sha256", "store_key"}} of a reference made with several extractors; NULL: Inception's
+    alone, in the columns above (which always hold the first extractor's)."""
 
 
 class Token(Base):

@@ -93,8 +93,10 @@ def export_run(run: str, points: Sequence[Point], target: str | Target) -> int:
 
 
 def metric_name(key: str) -> str:
-    """The exported name of a torch-fidelity key: `evalfarm/frechet_inception_distance`."""
-    return PREFIX + key
+    """The exported name of a result: `evalfarm/frechet_inception_distance` for a torch-fidelity key on its default
+    extractor, `evalfarm/dinov2-vit-l-14/frechet_inception_distance` on another (MLflow refuses `@` in names)."""
+    name, _, extractor = key.partition("@")
+    return PREFIX + (f"{extractor}/{name}" if extractor else name)
 
 
 def wall_time(point: Point) -> float:

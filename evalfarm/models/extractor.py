@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from evalfarm.errors import WeightsError
+from evalfarm.keys import INCEPTION
 from evalfarm.models.fused import FusedTrunk
-from evalfarm.models.inception import FIDInceptionV3
+from evalfarm.models.inception import POOL3_DIM, FIDInceptionV3
 from evalfarm.models.resize import INPUT_SIZE, normalize, resize_tf_bilinear
 from evalfarm.models.weights import Weights, load_state_dict
 
@@ -46,6 +47,10 @@ def build_network(weights: Weights) -> FIDInceptionV3:
 
 class FeatureExtractor:
     """Holds the network on one device; call it with NCHW batches (uint8 any size, or float at 299)."""
+
+    name = INCEPTION
+    dim = POOL3_DIM
+    input_size = INPUT_SIZE
 
     def __init__(self, weights: Weights, device: str = "auto", precision: str = "fp32") -> None:
         if precision not in PRECISIONS:

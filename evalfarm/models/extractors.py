@@ -301,8 +301,16 @@ class ImageFeatureExtractor:
         self.net = net.to(device)
 
     @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
     def dim(self) -> int:
         return self.spec.dim
+
+    @property
+    def input_size(self) -> int:
+        return self.spec.input_size
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> np.ndarray:

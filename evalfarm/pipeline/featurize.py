@@ -7,16 +7,18 @@ GPU is not starved by PIL. Memory stays bounded by a few batches plus the shard'
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from evalfarm.errors import JobCancelled, MetricInputError, SourceError
+from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
-from evalfarm.models import NUM_LOGITS, POOL3_DIM, FeatureExtractor
-from evalfarm.models.resize import INPUT_SIZE, resize_clean_bicubic, resize_tf_bilinear
+from evalfarm.models import NUM_LOGITS, FeatureExtractor
+from evalfarm.models.featurizers import Featurizer
+from evalfarm.models.resize import resize_clean_bicubic, resize_tf_bilinear
 from evalfarm.sources import Source
 
 
@@ -32,29 +34,31 @@ class _BatchDataset(Dataset):
 
     Whole batches, not images, cross the worker boundary: no per-image tensor, copy or collate call.
     A same-size batch is returned as an NHWC array viewed as NCHW, which is already the channels-last
-    layout the CPU network runs in.
+    layout the CPU network runs in; each extractor resizes it to its own input size. A batch of mixed sizes
+    is resized image by image here, once per input size the job's extractors need.
     """
 
-    def __init__(self, source: Source, start: int, stop: int, batch_size: int, resize: str) -> None:
+    def __init__(self, source: Source, start: int, stop: int, batch_size: int, resize: str,
+                 sizes: tuple[int, ...]) -> None:
         self.source, self.start, self.stop, self.batch_size, self.resize = source, start, stop, batch_size, resize
+        self.sizes = sizes
 
     def __len__(self) -> int:
         return -(-(self.stop - self.start) // self.batch_size)
 
-    def __getitem__(self, b: int) -> torch.Tensor | _Failed:
+    def __getitem__(self, b: int) -> torch.Tensor | dict[int, torch.Tensor] | _Failed:
         lo = self.start + b * self.batch_size
         try:
             images = self.source.read(lo, min(self.stop, lo + self.batch_size))
         except SourceError as exc:
             return _Failed(str(exc))
-        if self.resize == "clean":
+        if self.resize == "clean":  # Inception only (EvalConfig refuses it with other extractors)
             return torch.from_numpy(np.stack([resize_clean_bicubic(im) for im in images]))
         if len({im.shape for im in images}) == 1:
             return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
         # Mixed sizes cannot share a batch tensor: resize each here (TF1-exact per image) in the worker.
-        return torch.cat(
-            [resize_tf_bilinear(torch.from_numpy(im).permute(2, 0, 1)[None].float(), INPUT_SIZE) for im in images]
-        )
+        chw = [torch.from_numpy(im).permute(2, 0, 1)[None].float() for im in images]
+        return {size: torch.cat([resize_tf_bilinear(x, size) for x in chw]) for size in self.sizes}
 
 
 def default_num_workers(processes: int = 1) -> int:
@@ -64,11 +68,16 @@ def default_num_workers(processes: int = 1) -> int:
     return max(1, min(8, (cores - processes) // max(1, processes)))
 
 
-def featurize_range(
+def featurize_range(source: Source, start: int, stop: int, extractor: FeatureExtractor, **options: object) -> FeatureStats:
+    """Statistics of samples [start, stop) with one extractor (see `featurize_extractors`)."""
+    return featurize_extractors(source, start, stop, [extractor], **options)[extractor.name]
+
+
+def featurize_extractors(
     source: Source,
     start: int,
     stop: int,
-    extractor: FeatureExtractor,
+    featurizers: Sequence[Featurizer],
     *,
     resize: str = "tf",
     batch_size: int = 64,
@@ -77,34 +86,44 @@ def featurize_range(
     splits: int = 0,
     on_batch: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
-    keep_features: bool = True,
-) -> FeatureStats:
-    """Statistics of samples [start, stop): FID sums, feature rows, and (given split ids) IS split sums."""
+    keep_features: bool | Collection[str] = True,
+) -> dict[str, FeatureStats]:
+    """Statistics of samples [start, stop) per extractor, each image decoded once: FID sums, feature rows, and
+    (given split ids) Inception's IS split sums. `keep_features` may name the extractors whose rows are kept."""
+    if not featurizers:
+        raise ValueError("featurize_extractors needs at least one extractor")
     workers = default_num_workers() if num_workers is None else num_workers
+    sizes = tuple(dict.fromkeys(f.input_size for f in featurizers))
     loader = DataLoader(
-        _BatchDataset(source, start, stop, batch_size, resize),
+        _BatchDataset(source, start, stop, batch_size, resize, sizes),
         batch_size=None,
         num_workers=workers,
-        pin_memory=extractor.device.type == "cuda",
+        pin_memory=any(f.device.type == "cuda" for f in featurizers),
         prefetch_factor=4 if workers else None,
     )
-    stats = FeatureStats.new(POOL3_DIM, splits=splits if split_ids is not None else 0, classes=NUM_LOGITS,
-                             keep_features=keep_features)
+    stats = {
+        f.name: FeatureStats.new(f.dim, splits=splits if split_ids is not None and f.name == INCEPTION else 0,
+                                 classes=NUM_LOGITS,
+                                 keep_features=keep_features if isinstance(keep_features, bool) else f.name in keep_features)
+        for f in featurizers
+    }
     done = 0
     for batch in loader:
         if isinstance(batch, _Failed):
             raise SourceError(batch.message)
         if should_stop is not None and should_stop():
             raise JobCancelled("the job was cancelled")
-        pool3 = extractor(batch)
-        n = len(pool3)
-        if not np.all(np.isfinite(pool3)):
-            bad = start + done + int(np.argwhere(~np.isfinite(pool3).all(axis=1))[0, 0])
-            raise MetricInputError(f"non-finite Inception features for {source.name_of(bad)}")
-        if split_ids is not None:
-            stats.add(pool3, extractor.logits(pool3), split_ids[done : done + n])
-        else:
-            stats.add(pool3)
+        n = 0
+        for f in featurizers:
+            features = f(batch[f.input_size] if isinstance(batch, dict) else batch)
+            n = len(features)
+            if not np.all(np.isfinite(features)):
+                bad = start + done + int(np.argwhere(~np.isfinite(features).all(axis=1))[0, 0])
+                raise MetricInputError(f"non-finite {f.name} features for {source.name_of(bad)}")
+            if split_ids is not None and f.name == INCEPTION:
+                stats[f.name].add(features, f.logits(features), split_ids[done : done + n])
+            else:
+                stats[f.name].add(features)
         done += n
         if on_batch is not None:
             on_batch(n)

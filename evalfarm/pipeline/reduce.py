@@ -10,6 +10,7 @@ from evalfarm import keys
 from evalfarm.config import EvalConfig
 from evalfarm.errors import MetricInputError
 from evalfarm.metrics import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
+from evalfarm.metrics.prc import precision_recall
 
 
 def merge_in_order(parts: Iterable[FeatureStats]) -> FeatureStats:
@@ -31,15 +32,19 @@ def kid_subset_size(config: EvalConfig, n_samples: int, n_reference: int) -> int
     return config.kid_subset_size
 
 
-def compute_metrics(config: EvalConfig, samples: FeatureStats, reference: FeatureStats | None) -> dict[str, float]:
+def compute_metrics(
+    config: EvalConfig, samples: FeatureStats, reference: FeatureStats | None, extractor: str = keys.INCEPTION
+) -> dict[str, float]:
+    """The metrics `config` computes on `extractor`'s features of both sides, under torch-fidelity's keys."""
+    metrics = config.metrics_on(extractor)
     out: dict[str, float] = {}
-    if "is" in config.metrics:
+    if "is" in metrics:
         out[keys.KEY_IS_MEAN], out[keys.KEY_IS_STD] = inception_score(samples)
-    if config.needs_reference and reference is None:
-        raise MetricInputError("FID and KID need a reference (--ref).")
-    if "fid" in config.metrics:
+    if any(m in metrics for m in ("fid", "kid", "prc")) and reference is None:
+        raise MetricInputError("FID, KID and PRC need a reference (--ref).")
+    if "fid" in metrics:
         out[keys.KEY_FID] = frechet_distance(samples.mean(), samples.cov(), reference.mean(), reference.cov())
-    if "kid" in config.metrics:
+    if "kid" in metrics:
         if reference.features is None:
             raise MetricInputError(
                 "KID needs the reference's features, but this reference holds only mu/sigma statistics "
@@ -52,6 +57,12 @@ def compute_metrics(config: EvalConfig, samples: FeatureStats, reference: Featur
             subset_size=kid_subset_size(config, samples.n, reference.n),
             seed=config.seed,
         )
+    if "prc" in metrics:
+        if reference.features is None:
+            raise MetricInputError(
+                "precision/recall needs the reference's features, but this reference holds only mu/sigma statistics."
+            )
+        out.update(precision_recall(samples.features, reference.features, neighborhood=config.prc_neighborhood))
     for k, v in out.items():
         if not np.isfinite(v):
             raise MetricInputError(f"{k} came out non-finite ({v}); refusing to report it.")

@@ -13,8 +13,8 @@ from tqdm import tqdm
 
 from evalfarm.config import EvalConfig
 from evalfarm.errors import EvalfarmError, JobError
-from evalfarm.keys import JOB_EVAL
-from evalfarm.models import FeatureExtractor, load_weights
+from evalfarm.keys import INCEPTION, JOB_EVAL
+from evalfarm.models.featurizers import Featurizer, build_featurizer, load_weights_for
 from evalfarm.scheduler import records
 from evalfarm.scheduler.context import embedded_context
 from evalfarm.scheduler.ends import fail_job
@@ -30,6 +30,7 @@ def run_embedded(
     *,
     settings: Settings | None = None,
     weights: str | None = None,
+    extractor_weights: dict[str, str] | None = None,
     device: str | None = None,
     kind: str = JOB_EVAL,
     reference_name: str | None = None,
@@ -42,33 +43,37 @@ def run_embedded(
 ) -> dict[str, Any]:
     """Evaluate (or, with kind "reference", register) a sample set here; returns the result document.
     `on_job` is told the job's id once its row exists, before any work (a caller that may die meanwhile,
-    such as `evalfarm watch`, records it)."""
+    such as `evalfarm watch`, records it). `weights` is Inception's file, `extractor_weights` the others' by name;
+    each defaults to its environment variable, then to the canonical file."""
     settings = settings or get_settings()
-    w = load_weights(settings, weights)
+    paths = {**(extractor_weights or {}), **({INCEPTION: weights} if weights else {})}
+    w = {name: load_weights_for(settings, name, paths.get(name)) for name in config.featurizers}
     ctx = embedded_context(settings)
     request = records.Submission(samples, ref, config, kind=kind, run=run, step=step, tags=tags or {},
-                                 weights_sha256=w.sha256, reference_name=reference_name)
+                                 weights_sha256=w[INCEPTION].sha256 if INCEPTION in w else None,
+                                 reference_name=reference_name)
     job_id = records.create_job(ctx.sessions, request, mode=EMBEDDED).job_id
     if on_job is not None:
         on_job(job_id)
-    extractor: FeatureExtractor | None = None
+    featurizers: list[Featurizer] = []
 
     def featurize(shards: tuple[tuple[str, int], ...]) -> None:
-        nonlocal extractor
         if not shards:
             return
-        extractor = extractor or FeatureExtractor(w, device or settings.device, config.precision)
+        if not featurizers:
+            featurizers.extend(build_featurizer(name, w[name], device or settings.device, config.precision)
+                               for name in config.featurizers)
         sizes = {(sh.side, sh.index): sh.stop - sh.start for sh in records.shards_of(ctx.sessions, job_id)}
         with tqdm(total=sum(sizes[s] for s in shards), unit="img", desc="featurizing", disable=not progress) as bar:
             for side, index in shards:
                 run_shard(
-                    ctx, job_id, side, index, extractor,
+                    ctx, job_id, side, index, featurizers,
                     num_workers=num_workers if num_workers is not None else settings.loader_workers,
                     on_batch=bar.update, heartbeat_s=settings.heartbeat_s,
                 )
 
     try:
-        featurize(plan_job(ctx, job_id, w.sha256, heartbeat_s=settings.heartbeat_s).shards)
+        featurize(plan_job(ctx, job_id, lambda name: w[name].sha256, heartbeat_s=settings.heartbeat_s).shards)
         outcome = reduce_job(ctx, job_id, heartbeat_s=settings.heartbeat_s)
         while outcome.recompute:  # a cached reference turned out unusable: its images are featurized instead
             featurize(outcome.recompute)

@@ -8,7 +8,7 @@ from typing import Any
 
 from evalfarm.config import EvalConfig
 from evalfarm.db import Job, JobState
-from evalfarm.keys import JOB_REFERENCE
+from evalfarm.keys import INCEPTION, JOB_REFERENCE
 from evalfarm.scheduler.plan import REFERENCE, JobPlan
 
 EMBEDDED, FARM = "embedded", "farm"  #: job modes: run by `evalfarm eval` in one process, or by the farm
@@ -55,10 +55,17 @@ class JobSnapshot:
         return self.kind == JOB_REFERENCE
 
     @property
-    def needs_features(self) -> bool:
-        """KID draws rows, and a reference job stores them for later KID runs."""
-        return "kid" in self.config.metrics or self.is_reference_job
+    def extractor_weights(self) -> dict[str, str]:
+        """The SHA-256 of each extractor's weights, as pinned at planning (jobs planned before there were other
+        extractors were pinned to Inception's alone)."""
+        if self.plan.weights:
+            return dict(self.plan.weights)
+        return {INCEPTION: self.weights_sha256} if self.weights_sha256 else {}
 
-    def keeps_features(self, side: str) -> bool:
-        """Whether shards of `side` must keep their feature rows (KID, or a reference to cache)."""
-        return self.needs_features or (side == REFERENCE and self.config.cache)
+    def keeps_features(self, side: str, extractor: str | None = None) -> bool:
+        """Whether shards of `side` must keep their feature rows (of `extractor`, or of any): for KID or PRC on
+        it, or a reference to cache."""
+        if self.is_reference_job or (side == REFERENCE and self.config.cache):
+            return True
+        metrics = self.config.metrics if extractor is None else self.config.metrics_on(extractor)
+        return "kid" in metrics or "prc" in metrics

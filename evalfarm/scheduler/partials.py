@@ -6,16 +6,21 @@ The embedded runner keeps them in memory. The farm cannot put them in Redis whol
 `FeatureStats` bytes and its feature rows go to the feature store, and Redis holds a small record per
 shard with their SHA-256 digests. A reducer that finds the record missing (Redis restarted or flushed),
 a file missing, or a digest that differs gets None, and the shard is recomputed instead of guessed.
+
+A shard of a job with several extractors leaves one `FeatureStats` per extractor, all in one record, so
+that they are written, replaced and lost together.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.store import FeatureStore
 
@@ -28,11 +33,12 @@ PARTIAL_TTL_S = 7 * 24 * 3600  #: partials of an abandoned job expire; a finishe
 class PartialStore(Protocol):
     """The seam between a shard and the reducer. Implementations must make `put` an overwrite."""
 
-    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
-        """Record a finished shard's statistics (with its feature rows, when kept)."""
+    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
+        """Record a finished shard's statistics per extractor (with feature rows, when kept)."""
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
-        """The stored statistics, or None when they were lost; feature rows only if asked for."""
+    def get(self, job_id: str, side: str, shard: int, *, features: bool,
+            extractor: str = INCEPTION) -> FeatureStats | None:
+        """One extractor's stored statistics, or None when they were lost; feature rows only if asked for."""
 
     def discard(self, job_id: str, side: str, shard: int) -> None:
         """Forget one shard (it finished after its job was cancelled)."""
@@ -48,13 +54,14 @@ class MemoryPartials:
     """In this process, for the embedded runner and the state machine's unit tests."""
 
     def __init__(self) -> None:
-        self._items: dict[tuple[str, str, int], FeatureStats] = {}
+        self._items: dict[tuple[str, str, int], dict[str, FeatureStats]] = {}
 
-    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
-        self._items[(job_id, side, shard)] = stats
+    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
+        self._items[(job_id, side, shard)] = dict(parts)
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
-        return self._items.get((job_id, side, shard))
+    def get(self, job_id: str, side: str, shard: int, *, features: bool,
+            extractor: str = INCEPTION) -> FeatureStats | None:
+        return self._items.get((job_id, side, shard), {}).get(extractor)
 
     def discard(self, job_id: str, side: str, shard: int) -> None:
         self._items.pop((job_id, side, shard), None)
@@ -85,13 +92,21 @@ class RedisPartials:
     def _file(job_id: str, side: str, shard: int, what: str) -> str:
         return f"jobs/{job_id}/{side}/{shard:06d}.{what}"
 
-    def put(self, job_id: str, side: str, shard: int, stats: FeatureStats) -> None:
-        blobs = {"stats.npz": stats.to_bytes(features=False)}
-        if stats.keep_features:
-            buf = io.BytesIO()
-            np.save(buf, np.ascontiguousarray(stats.features), allow_pickle=False)
-            blobs["features.npy"] = buf.getvalue()
-        record: dict[str, str | int] = {"n": stats.n}
+    @staticmethod
+    def _what(extractor: str, what: str) -> str:
+        """Inception's files keep the names they had before there were other extractors."""
+        return what if extractor == INCEPTION else f"{extractor}.{what}"
+
+    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
+        blobs: dict[str, bytes] = {}
+        record: dict[str, str | int] = {}
+        for extractor, stats in parts.items():
+            blobs[self._what(extractor, "stats.npz")] = stats.to_bytes(features=False)
+            if stats.keep_features:
+                buf = io.BytesIO()
+                np.save(buf, np.ascontiguousarray(stats.features), allow_pickle=False)
+                blobs[self._what(extractor, "features.npy")] = buf.getvalue()
+            record["n"] = stats.n
         for what, data in blobs.items():
             self.store.put_bytes(self._file(job_id, side, shard, what), data)
             record[what] = _digest(data)
@@ -102,9 +117,10 @@ class RedisPartials:
             p.expire(key, self.ttl_s)
             p.execute()
 
-    def get(self, job_id: str, side: str, shard: int, *, features: bool) -> FeatureStats | None:
+    def get(self, job_id: str, side: str, shard: int, *, features: bool,
+            extractor: str = INCEPTION) -> FeatureStats | None:
         record = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(job_id, side, shard)).items()}
-        wanted = ["stats.npz", *(["features.npy"] if features else [])]
+        wanted = [self._what(extractor, "stats.npz"), *([self._what(extractor, "features.npy")] if features else [])]
         blobs = {}
         for what in wanted:
             if what not in record:
@@ -115,9 +131,9 @@ class RedisPartials:
                 return None
             if _digest(blobs[what]) != record[what]:
                 return None
-        stats = FeatureStats.from_bytes(blobs["stats.npz"])
+        stats = FeatureStats.from_bytes(blobs[wanted[0]])
         if features:
-            stats.attach_features(np.load(io.BytesIO(blobs["features.npy"]), allow_pickle=False))
+            stats.attach_features(np.load(io.BytesIO(blobs[wanted[1]]), allow_pickle=False))
         return stats
 
     def job_ids(self) -> set[str]:
@@ -125,8 +141,10 @@ class RedisPartials:
         return in_redis | set(self.store.children("jobs"))
 
     def discard(self, job_id: str, side: str, shard: int) -> None:
-        self.redis.delete(self._key(job_id, side, shard))
-        for what in ("stats.npz", "features.npy"):
+        key = self._key(job_id, side, shard)
+        files = [k.decode() for k in self.redis.hkeys(key) if k.decode() != "n"]
+        self.redis.delete(key)
+        for what in {"stats.npz", "features.npy", *files}:
             self.store.delete(self._file(job_id, side, shard, what))
 
     def drop(self, job_id: str) -> None:

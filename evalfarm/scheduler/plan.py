@@ -7,11 +7,13 @@ feature store (a named or cached reference), or read from a pytorch-fid statisti
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from evalfarm.config import EvalConfig
-from evalfarm.errors import MetricInputError, SourceError
+from evalfarm.errors import MetricInputError, ReferenceMismatchError, SourceError
+from evalfarm.keys import INCEPTION
 from evalfarm.metrics import check_kid_inputs
 from evalfarm.scheduler.references import (
     NamedReference,
@@ -39,20 +41,30 @@ class SidePlan:
     n: int
     content_hash: str | None
     how: SideSource
-    store_key: str | None = None
-    """Where the side's merged statistics are (STORED) or will be cached (SHARDS of a reference)."""
+    store_keys: dict[str, str] = field(default_factory=dict)
+    """Per extractor, where the side's merged statistics are (STORED) or will be cached (SHARDS of a reference)."""
     shards: tuple[tuple[int, int], ...] = ()
     builder: str | None = None
     """STORED statistics that another job (this id) is featurizing right now; the reducer waits for them."""
 
+    @property
+    def build_key(self) -> str:
+        """What single-flight reference builds are keyed by: the one cache file, or a digest of the set of them."""
+        if len(self.store_keys) == 1:
+            return next(iter(self.store_keys.values()))
+        joined = "\n".join(f"{e}={k}" for e, k in sorted(self.store_keys.items()))
+        return "refs/set-" + hashlib.sha256(joined.encode()).hexdigest()
+
     def to_dict(self) -> dict[str, Any]:
         d = {"uri": self.uri, "n": self.n, "content_hash": self.content_hash, "how": self.how.value,
-             "store_key": self.store_key, "shards": [list(s) for s in self.shards] or None}
+             "store_keys": self.store_keys or None, "shards": [list(s) for s in self.shards] or None,
+             "store_key": self.store_keys.get(INCEPTION)}  # what a worker of the previous release reads
         return {**d, "builder": self.builder} if self.builder else d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SidePlan:
-        return cls(d["uri"], d["n"], d.get("content_hash"), SideSource(d["how"]), d.get("store_key"),
+        keys = d.get("store_keys") or ({INCEPTION: d["store_key"]} if d.get("store_key") else {})
+        return cls(d["uri"], d["n"], d.get("content_hash"), SideSource(d["how"]), dict(keys),
                    tuple((int(a), int(b)) for a, b in d.get("shards") or ()), d.get("builder"))
 
 
@@ -67,6 +79,8 @@ class JobPlan:
     """How often lost partials or a bad cache sent the job back to `running`."""
     notes: tuple[str, ...] = ()
     """What went wrong and was repaired on the way (a corrupt cache file, ...); the result reports them."""
+    weights: dict[str, str] = field(default_factory=dict)
+    """The SHA-256 of each extractor's weights, pinned at planning: every shard must use the same files."""
 
     def side(self, side: str) -> SidePlan | None:
         return self.sides.get(side)
@@ -84,13 +98,16 @@ class JobPlan:
             d["recomputes"] = self.recomputes
         if self.notes:
             d["notes"] = list(self.notes)
+        if self.weights:
+            d["weights"] = dict(self.weights)
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> JobPlan:
         d = d or {}
         sides = {side: SidePlan.from_dict(d[side]) for side in SIDES if d.get(side)}
-        return cls(sides, d.get("reference_name"), int(d.get("recomputes", 0)), tuple(d.get("notes", ())))
+        return cls(sides, d.get("reference_name"), int(d.get("recomputes", 0)), tuple(d.get("notes", ())),
+                   dict(d.get("weights") or {}))
 
 
 def shard_ranges(n: int, shard_size: int) -> tuple[tuple[int, int], ...]:
@@ -109,31 +126,45 @@ def plan_samples(uri: str, config: EvalConfig, roots: SampleRoots) -> SidePlan:
 
 
 def plan_reference(
-    ref: str, config: EvalConfig, store: FeatureStore, weights_sha256: str, named: NamedReference | None,
+    ref: str, config: EvalConfig, store: FeatureStore, weights: dict[str, str], named: NamedReference | None,
     roots: SampleRoots,
 ) -> SidePlan:
-    """`named` is the registered reference when `ref` names one (its statistics are read, not a path)."""
+    """`named` is the registered reference when `ref` names one (its statistics are read, not a path).
+    `weights` holds the SHA-256 of each of the job's extractors' weights."""
+    extractors = config.featurizers
     if named is not None:
-        check_compatible(f"'{named.name}'", named.weights_sha256, named.resize, weights_sha256, config.resize)
-        return SidePlan(named.uri, named.n, named.content_hash, SideSource.STORED, store_key=named.store_key)
+        stored = named.stored()
+        missing = [e for e in extractors if e not in stored]
+        if missing:
+            raise ReferenceMismatchError(
+                f"reference '{named.name}' holds statistics of {', '.join(stored)}, not of {', '.join(missing)}; "
+                f"create it again with --extractor {','.join(dict.fromkeys([*stored, *missing]))}"
+            )
+        for e in extractors:
+            check_compatible(f"'{named.name}' ({e})", stored[e][0], named.resize, weights[e], config.resize)
+        return SidePlan(named.uri, named.n, named.content_hash, SideSource.STORED,
+                        store_keys={e: stored[e][1] for e in extractors})
     roots.check(ref, "ref")
     if is_stats_file(ref):
-        if "kid" in config.metrics:
+        if "kid" in config.metrics or "prc" in config.metrics:
             raise MetricInputError(
-                f"{ref} holds only mu/sigma statistics; KID needs reference features. "
-                "Drop kid from --metrics, or pass the reference images (or a reference made by `evalfarm ref create`)."
+                f"{ref} holds only mu/sigma statistics; KID and precision/recall need reference features. "
+                "Drop them from --metrics, or pass the reference images (or a reference made by `evalfarm ref create`)."
             )
-        stats = load_stats_file(ref, weights_sha256, config.resize)
+        if extractors != (INCEPTION,):
+            raise MetricInputError(f"{ref} holds mu/sigma statistics of {INCEPTION} features (pytorch-fid's format); "
+                                   f"pass the reference images for {', '.join(e for e in extractors if e != INCEPTION)}.")
+        stats = load_stats_file(ref, weights[INCEPTION], config.resize)
         return SidePlan(ref, stats.n, None, SideSource.STATS_FILE)
     try:
         source = open_source(ref, roots=roots)
     except SourceError as exc:
         raise SourceError(f"--ref {ref!r} is neither a named reference nor a readable sample set: {exc}") from exc
     content_hash = source.content_hash()
-    key = reference_key(content_hash, weights_sha256, config.resize)
-    if config.cache and store.exists(key):
-        return SidePlan(ref, len(source), content_hash, SideSource.STORED, store_key=key)
-    return SidePlan(ref, len(source), content_hash, SideSource.SHARDS, store_key=key,
+    keys = {e: reference_key(content_hash, weights[e], config.resize) for e in extractors}
+    if config.cache and all(store.exists(k) for k in keys.values()):
+        return SidePlan(ref, len(source), content_hash, SideSource.STORED, store_keys=keys)
+    return SidePlan(ref, len(source), content_hash, SideSource.SHARDS, store_keys=keys,
                     shards=shard_ranges(len(source), config.shard_size))
 
 
@@ -141,5 +172,12 @@ def check_sizes(config: EvalConfig, samples: SidePlan, reference: SidePlan | Non
     """Fail before any featurization when the sizes cannot give the requested metrics."""
     if "kid" in config.metrics and reference is not None and not config.kid_shrink:
         check_kid_inputs(samples.n, reference.n, config.kid_subset_size)
+    if "prc" in config.metrics and reference is not None:
+        for side in (samples, reference):
+            if side.n <= config.prc_neighborhood:
+                raise MetricInputError(
+                    f"precision/recall with neighborhood {config.prc_neighborhood} needs more than "
+                    f"{config.prc_neighborhood} samples a side; {side.uri} has {side.n}."
+                )
     if config.needs_reference and samples.n < 2:
         raise MetricInputError(f"FID/KID need at least 2 samples; {samples.uri} has {samples.n}.")

@@ -13,7 +13,7 @@ from sqlalchemy.orm import lazyload
 from evalfarm.db import Counter, Job, JobState, Reference, Result, Shard, ShardState
 from evalfarm.db.models import IMAGES_FEATURIZED, SHARDS_DONE, SHARDS_FAILED
 from evalfarm.errors import InvalidField
-from evalfarm.keys import JOB_EVAL, METRIC_ALIASES, METRIC_KEYS
+from evalfarm.keys import ALL_METRIC_KEYS, EXTRACTOR_NAMES, JOB_EVAL, METRIC_ALIASES, split_qualified
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.records import Sessions, get_job, shards_of
 from evalfarm.scheduler.webhooks import callback_status
@@ -92,14 +92,19 @@ def list_jobs(
         return [_summary(j) for j in s.scalars(q.options(lazyload(Job.shards), lazyload(Job.results)))]
 
 
+def _is_result_name(name: str) -> bool:
+    key, extractor = split_qualified(name)
+    return key in ALL_METRIC_KEYS and extractor in EXTRACTOR_NAMES
+
+
 def query_results(
     sessions: Sessions, *, run: str | None = None, metric: str | None = None, limit: int = 50, offset: int = 0
 ) -> list[dict[str, Any]]:
     """Succeeded jobs, newest first; with a run, ordered by step so a training curve reads top to bottom.
     `offset` pages through longer histories (the order is total: ties are broken by job id)."""
-    if metric and metric not in METRIC_ALIASES and metric not in METRIC_KEYS:
-        raise InvalidField("metric", f"{metric!r} is none of {', '.join((*METRIC_ALIASES, *METRIC_KEYS))}",
-                           where="query")
+    if metric and metric not in METRIC_ALIASES and not _is_result_name(metric):
+        raise InvalidField("metric", f"{metric!r} is none of {', '.join((*METRIC_ALIASES, *ALL_METRIC_KEYS))}, "
+                           "nor KEY@EXTRACTOR", where="query")
     with sessions() as s:
         q = select(Job).where(Job.state == JobState.SUCCEEDED, Job.kind == JOB_EVAL)
         if run is not None:
@@ -114,7 +119,7 @@ def query_results(
                 values = {
                     k: v
                     for k, v in values.items()
-                    if k == key or (metric in METRIC_ALIASES and k.startswith(key.rsplit("_", 1)[0]))
+                    if k == key or (metric in METRIC_ALIASES and "@" not in k and k.startswith(key.rsplit("_", 1)[0]))
                 }
             rows.append(
                 {
@@ -126,6 +131,7 @@ def query_results(
                     "samples": j.samples_uri,
                     "reference": j.reference_uri,
                     "weights_sha256": j.weights_sha256,
+                    "weights_canonical": (j.result or {}).get("weights_canonical"),
                     "metrics": values,
                 }
             )

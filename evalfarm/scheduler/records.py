@@ -34,7 +34,7 @@ from evalfarm.db import (
 )
 from evalfarm.db.models import IMAGES_FEATURIZED, SHARDS_DONE, SHARDS_FAILED, as_utc, utcnow
 from evalfarm.errors import Conflict, InvalidField, JobError, JobNotFound, WeightsError
-from evalfarm.keys import JOB_EVAL
+from evalfarm.keys import INCEPTION, JOB_EVAL, weights_env_var
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES, JobPlan, SidePlan
 from evalfarm.scheduler.references import NamedReference
@@ -89,6 +89,9 @@ def create_job(
         raise InvalidField("ref", "FID and KID need a reference: give one (--ref), or ask for IS only")
     if request.kind == JOB_EVAL and not config.metrics:
         raise InvalidField("metrics", "no metrics requested")
+    if request.weights_sha256 and INCEPTION not in config.featurizers:
+        raise InvalidField("weights_sha256", f"pins {INCEPTION} weights, and this job does not use {INCEPTION} "
+                                             f"(it uses {', '.join(config.featurizers)})")
     digest = request.digest() if idempotency_key is not None else None
     for _ in range(3):  # two submits racing with one key: the unique constraint picks one, the other reads it
         if idempotency_key is not None:
@@ -218,7 +221,8 @@ def named_reference(sessions: Sessions, name: str) -> NamedReference | None:
         r = s.get(Reference, name)
         if r is None:
             return None
-        return NamedReference(r.name, r.uri, r.content_hash, r.weights_sha256, r.resize, r.n, r.store_key)
+        extractors = {e: (str(v["weights_sha256"]), str(v["store_key"])) for e, v in (r.extractors or {}).items()}
+        return NamedReference(r.name, r.uri, r.content_hash, r.weights_sha256, r.resize, r.n, r.store_key, extractors)
 
 
 def record_plan(sessions: Sessions, job_id: str, plan: JobPlan, weights_sha256: str) -> list[tuple[str, int]]:
@@ -287,7 +291,7 @@ def claim_shard(
     index: int,
     *,
     worker: str,
-    weights_sha256: str,
+    weights: dict[str, str],
     lease_s: float | None,
     max_attempts: int,
 ) -> ShardClaim | None:
@@ -306,16 +310,19 @@ def claim_shard(
             return None
         if shard.attempts >= max_attempts and not resumed:
             raise JobError(f"started {max_attempts} times without finishing (its worker died each time: out of memory?)")
-        if job.weights_sha256 != weights_sha256:
-            raise WeightsError(
-                f"this worker's Inception weights (sha256 {weights_sha256[:12]}…) differ from the job's "
-                f"({(job.weights_sha256 or '')[:12]}…); refusing to compute numbers with other weights. Point "
-                "EVALFARM_WEIGHTS on every worker at the same file."
-            )
+        snapshot = JobSnapshot.of(job)
+        pinned = snapshot.extractor_weights
+        for name in snapshot.config.featurizers:
+            if pinned.get(name) != weights.get(name):
+                raise WeightsError(
+                    f"this worker's {name} weights (sha256 {(weights.get(name) or '')[:12]}…) differ from the job's "
+                    f"({(pinned.get(name) or '')[:12]}…); refusing to compute numbers with other weights. Point "
+                    f"{weights_env_var(name)} on every worker at the same file."
+                )
         shard.state, shard.attempts, shard.worker = ShardState.RUNNING, shard.attempts + (not resumed), worker
         shard.started_at = shard.heartbeat_at = utcnow()
         shard.error = None
-        return ShardClaim(shard.id, shard.start, shard.stop, shard.attempts, JobSnapshot.of(job))
+        return ShardClaim(shard.id, shard.start, shard.stop, shard.attempts, snapshot)
 
 
 def beat(sessions: Sessions, claim: ShardClaim) -> JobState | None:
@@ -500,7 +507,9 @@ def register_reference(sessions: Sessions, ref: NamedReference) -> None:
     with sessions.begin() as s:
         s.merge(
             Reference(name=ref.name, uri=ref.uri, content_hash=ref.content_hash, weights_sha256=ref.weights_sha256,
-                      resize=ref.resize, n=ref.n, store_key=ref.store_key, created_at=utcnow())
+                      resize=ref.resize, n=ref.n, store_key=ref.store_key, created_at=utcnow(),
+                      extractors={e: {"weights_sha256": w, "store_key": k} for e, (w, k) in ref.extractors.items()}
+                      or None)
         )
 
 

@@ -9,11 +9,12 @@ arrays, checked on every read: a cache file that fails it is never used, but rep
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from evalfarm.errors import EvalfarmError, ReferenceMismatchError, SourceError
+from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import reason
@@ -22,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 def reference_key(content_hash: str, weights_sha256: str, resize: str) -> str:
-    """Cached reference statistics are keyed by what determines them: content, weights and resize mode."""
+    """Cached reference statistics are keyed by what determines them: content, weights and resize mode (the
+    weights also tell the extractors apart)."""
     return f"refs/{content_hash[:32]}-{weights_sha256[:16]}-{resize}.npz"
 
 
@@ -68,7 +70,7 @@ def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: s
 def check_compatible(what: str, ref_weights: str | None, ref_resize: str | None, weights: str, resize: str) -> None:
     if ref_weights and ref_weights != weights:
         raise ReferenceMismatchError(
-            f"reference {what} was computed with other Inception weights (sha256 {ref_weights[:12]}…) than this "
+            f"reference {what} was computed with other weights (sha256 {ref_weights[:12]}…) than this "
             f"job uses ({weights[:12]}…); its features are not comparable. Recreate it with these weights."
         )
     if ref_resize and ref_resize != resize:
@@ -118,7 +120,8 @@ def load_stats_file(path: str, weights_sha256: str, resize: str) -> FeatureStats
 
 @dataclass(frozen=True)
 class NamedReference:
-    """A registered reference: its statistics sit in the feature store under `store_key`."""
+    """A registered reference: its statistics sit in the feature store under `store_key`, and, when it was made
+    with several extractors, each extractor's under `extractors[name] = (weights_sha256, store_key)`."""
 
     name: str
     uri: str
@@ -127,3 +130,9 @@ class NamedReference:
     resize: str
     n: int
     store_key: str
+    extractors: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    def stored(self) -> dict[str, tuple[str, str]]:
+        """(weights_sha256, store_key) per extractor; a reference registered before there were other
+        extractors holds Inception's alone."""
+        return self.extractors or {INCEPTION: (self.weights_sha256, self.store_key)}

@@ -9,17 +9,18 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from evalfarm import keys
 from evalfarm._version import __version__
+from evalfarm.config import EvalConfig
 from evalfarm.db import FINAL_STATES, JobState, Shard
 from evalfarm.errors import JobCancelled, JobError, MetricInputError, SourceError, WeightsError
 from evalfarm.metrics import FeatureStats, split_assignment
-from evalfarm.models import FeatureExtractor
-from evalfarm.pipeline import compute_metrics, featurize_range, kid_subset_size, merge_in_order
+from evalfarm.models.featurizers import Featurizer, canonical_weights
+from evalfarm.pipeline import compute_metrics, featurize_extractors, kid_subset_size, merge_in_order
 from evalfarm.scheduler import records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.job import FARM, JobSnapshot
@@ -48,6 +49,9 @@ from evalfarm.sources import SampleRoots, Source, open_source
 
 log = logging.getLogger(__name__)
 
+WeightsOf = Callable[[str], str]
+"""The SHA-256 of this machine's weights for an extractor (loading, or downloading, them on first use)."""
+
 MAX_ATTEMPTS = 4  #: a shard started this often (worker deaths included) fails the job: a poison shard
 MAX_RECOMPUTES = 3  #: lost partials are recomputed at most this often before the job fails
 DEFAULT_HEARTBEAT_S = 10.0  #: see `Settings.heartbeat_s`
@@ -65,8 +69,13 @@ class PlanOutcome:
     reduce: bool = False
 
 
-def plan_job(ctx: Context, job_id: str, weights_sha256: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> PlanOutcome:
-    """Plan the sides, write the shard rows, pin the job to these weights and move it on."""
+def plan_job(
+    ctx: Context, job_id: str, weights_of: WeightsOf | Mapping[str, str], *, heartbeat_s: float = DEFAULT_HEARTBEAT_S
+) -> PlanOutcome:
+    """Plan the sides, write the shard rows, pin the job to these weights and move it on. `weights_of` gives
+    the SHA-256 of this machine's weights per extractor; only the job's extractors are asked for."""
+    if isinstance(weights_of, Mapping):
+        weights_of = weights_of.__getitem__
     started = records.start_planning(ctx.sessions, job_id)
     if started is None:
         return PlanOutcome()
@@ -74,33 +83,35 @@ def plan_job(ctx: Context, job_id: str, weights_sha256: str, *, heartbeat_s: flo
         raise JobError(f"planning started {MAX_ATTEMPTS} times without finishing (its worker died each time)")
     try:
         with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.PLANNING, heartbeat_s):
-            todo = _plan(ctx, job_id, weights_sha256)
+            todo = _plan(ctx, job_id, weights_of)
     except records.StepLost:
         return PlanOutcome()  # cancelled meanwhile, or presumed dead and handed to another planner
     return PlanOutcome(tuple(todo), reduce=not todo)
 
 
-def _plan(ctx: Context, job_id: str, weights_sha256: str) -> list[tuple[str, int]]:
+def _plan(ctx: Context, job_id: str, weights_of: WeightsOf) -> list[tuple[str, int]]:
     job = records.get_job(ctx.sessions, job_id)
-    if job.weights_sha256 and job.weights_sha256 != weights_sha256:
+    config = job.config
+    weights = {e: weights_of(e) for e in config.featurizers}
+    inception = weights.get(keys.INCEPTION)
+    if job.weights_sha256 and inception and job.weights_sha256 != inception:
         raise WeightsError(
             f"the job asks for Inception weights with sha256 {job.weights_sha256[:12]}…, and this farm holds "
-            f"{weights_sha256[:12]}…; point EVALFARM_WEIGHTS on the workers at that file, or submit without the pin."
+            f"{inception[:12]}…; point EVALFARM_WEIGHTS on the workers at that file, or submit without the pin."
         )
-    config = job.config
     roots = read_policy(ctx, job)
     samples = plan_samples(job.samples_uri, config, roots)
     reference = None
     if not job.is_reference_job and job.reference_uri and config.needs_reference:
         named = records.named_reference(ctx.sessions, job.reference_uri)
-        reference = plan_reference(job.reference_uri, config, ctx.store, weights_sha256, named, roots)
+        reference = plan_reference(job.reference_uri, config, ctx.store, weights, named, roots)
     check_sizes(config, samples, reference)
     if reference is not None and reference.how is SideSource.SHARDS and config.cache and job.mode == FARM:
-        builder = records.claim_reference_build(ctx.sessions, reference.store_key, job_id)
+        builder = records.claim_reference_build(ctx.sessions, reference.build_key, job_id)
         if builder != job_id:  # the same images, weights and resize are being featurized by that job
             reference = replace(reference, how=SideSource.STORED, shards=(), builder=builder)
     sides = {SAMPLES: samples, **({REFERENCE: reference} if reference is not None else {})}
-    return records.record_plan(ctx.sessions, job_id, job.plan.with_(sides=sides), weights_sha256)
+    return records.record_plan(ctx.sessions, job_id, job.plan.with_(sides=sides, weights=weights), inception)
 
 
 def read_policy(ctx: Context, job: JobSnapshot) -> SampleRoots:
@@ -128,7 +139,7 @@ def run_shard(
     job_id: str,
     side: str,
     index: int,
-    extractor: FeatureExtractor,
+    featurizers: Sequence[Featurizer] | Featurizer,
     *,
     worker: str = "embedded",
     batch_size: int | None = None,
@@ -142,9 +153,11 @@ def run_shard(
 
     With `lease_s`, a shard another worker is running (heartbeat younger than the lease) is left to it:
     duplicate deliveries then cost nothing; a dead worker's shard is requeued once its lease expires.
+    `featurizers` must hold every extractor the job names (more are ignored).
     """
+    held = {f.name: f for f in ([featurizers] if not isinstance(featurizers, Sequence) else featurizers)}
     claim = records.claim_shard(
-        ctx.sessions, job_id, side, index, worker=worker, weights_sha256=extractor.weights.sha256,
+        ctx.sessions, job_id, side, index, worker=worker, weights={n: f.weights.sha256 for n, f in held.items()},
         lease_s=lease_s, max_attempts=max_attempts,
     )
     if claim is None:  # cancelled, failed, running elsewhere, or done: then perhaps the move to reducing was
@@ -156,16 +169,19 @@ def run_shard(
     if len(source) != n_side:
         raise SourceError(f"{uri} changed since the job was planned: it had {n_side} images, now {len(source)}.")
     config, split_ids = job.config, None
+    missing = [e for e in config.featurizers if e not in held]
+    if missing:
+        raise JobError(f"this worker was not given the {', '.join(missing)} extractor the job needs")
     if side == SAMPLES and not job.is_reference_job and "is" in config.metrics:
         split_ids = split_assignment(n_side, config.splits, config.seed)[claim.start : claim.stop]
     beat = functools.partial(records.beat, ctx.sessions, claim)
     with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
         t0 = time.perf_counter()
-        stats = featurize_range(
-            source, claim.start, claim.stop, extractor,
+        stats = featurize_extractors(
+            source, claim.start, claim.stop, [held[e] for e in config.featurizers],
             resize=config.resize, batch_size=batch_size or config.batch_size, num_workers=num_workers,
             split_ids=split_ids, splits=config.splits, on_batch=on_batch, should_stop=lease.stopped,
-            keep_features=job.keeps_features(side),
+            keep_features={e for e in config.featurizers if job.keeps_features(side, e)},
         )
         seconds = time.perf_counter() - t0  # featurizing alone: status and benchmarks split the rest off
     # A shard of one batch never saw the loop's check: ask once more before writing anything.
@@ -224,46 +240,57 @@ def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTB
 
 
 def _reduce(ctx: Context, job: JobSnapshot) -> ReduceOutcome:
-    job_id = job.id
-    sides: dict[str, FeatureStats] = {}
-    lost: list[tuple[str, int]] = []
-    for side in SIDES:
-        plan = job.plan.side(side)
-        if plan is None:
-            continue
-        if plan.how is SideSource.SHARDS:
-            merged = _merge_shards(ctx, job, side, plan)
-            if isinstance(merged, list):
-                lost += [(side, i) for i in merged]
+    """One extractor at a time, so that memory holds one extractor's features of both sides, never all."""
+    job_id, config, weights = job.id, job.config, job.extractor_weights
+    lost: set[tuple[str, int]] = set()
+    computed: dict[str, dict[str, float]] = {}
+    for extractor in config.featurizers:
+        sides: dict[str, FeatureStats] = {}
+        for side in SIDES:
+            plan = job.plan.side(side)
+            if plan is None:
+                continue
+            if plan.how is SideSource.SHARDS:
+                merged = _merge_shards(ctx, job, side, plan, extractor)
+                if isinstance(merged, list):
+                    lost.update((side, i) for i in merged)
+                else:
+                    sides[side] = merged
+            elif plan.how is SideSource.STORED:
+                key = plan.store_keys.get(extractor)
+                try:
+                    stored = None if key is None else load_reference(ctx.store, key, weights[extractor], config.resize,
+                                                                     plan.uri)
+                    problem = None if stored is not None else (
+                        f"cached {extractor} reference statistics "
+                        f"{ctx.store.describe(key) if key else 'of ' + plan.uri} are missing")
+                except CorruptCache as exc:
+                    stored, problem = None, str(exc)
+                if stored is None and plan.builder and _live(ctx, plan.builder):
+                    return ReduceOutcome(wait=True)  # its builder has not written it yet
+                if stored is None:
+                    return ReduceOutcome(recompute=tuple(_featurize_instead(ctx, job, side, plan, problem)))
+                sides[side] = stored
             else:
-                sides[side] = merged
-        elif plan.how is SideSource.STORED:
-            try:
-                stored = load_reference(ctx.store, plan.store_key, job.weights_sha256, job.config.resize, plan.uri)
-                problem = None if stored is not None else (
-                    f"cached reference statistics {ctx.store.describe(plan.store_key)} are missing")
-            except CorruptCache as exc:
-                stored, problem = None, str(exc)
-            if stored is None and plan.builder and _live(ctx, plan.builder):
-                return ReduceOutcome(wait=True)  # its builder has not written it yet
-            if stored is None:
-                return ReduceOutcome(recompute=tuple(_featurize_instead(ctx, job, side, plan, problem)))
-            sides[side] = stored
+                read_policy(ctx, job).check(plan.uri, "ref")
+                sides[side] = load_stats_file(plan.uri, weights[extractor], config.resize)
+        if lost:
+            continue  # nothing of this extractor is computed: the job goes back to recompute those shards
+        if job.is_reference_job:
+            _cache_reference(ctx, job, job.plan.side(SAMPLES), sides[SAMPLES], extractor)
         else:
-            read_policy(ctx, job).check(plan.uri, "ref")
-            sides[side] = load_stats_file(plan.uri, job.weights_sha256, job.config.resize)
+            ref_plan = job.plan.side(REFERENCE)
+            if ref_plan is not None and ref_plan.how is SideSource.SHARDS and config.cache:
+                _cache_reference(ctx, job, ref_plan, sides[REFERENCE], extractor)
+            computed[extractor] = compute_metrics(config, sides[SAMPLES], sides.get(REFERENCE), extractor)
+        del sides
     if lost:
-        return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, lost, MAX_RECOMPUTES)))
+        return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, sorted(lost), MAX_RECOMPUTES)))
 
-    values: dict[str, float] = {}
-    if job.is_reference_job:
-        _cache_reference(ctx, job, job.plan.side(SAMPLES), sides[SAMPLES], job.plan.reference_name)
-    else:
-        ref_plan = job.plan.side(REFERENCE)
-        if ref_plan is not None and ref_plan.how is SideSource.SHARDS and job.config.cache:
-            _cache_reference(ctx, job, ref_plan, sides[REFERENCE], None)
-        values = compute_metrics(job.config, sides[SAMPLES], sides.get(REFERENCE))
-    result = result_document(job, values, records.shards_of(ctx.sessions, job_id))
+    if job.is_reference_job and job.plan.reference_name:
+        _register_reference(ctx, job, job.plan.side(SAMPLES), job.plan.reference_name)
+    values = {keys.qualified_key(k, e): v for e, vs in computed.items() for k, v in vs.items()}
+    result = result_document(job, computed, records.shards_of(ctx.sessions, job_id))
     won, result = records.finish_job(ctx.sessions, job_id, values, result)
     if won:
         ctx.partials.drop(job_id)
@@ -292,13 +319,16 @@ def _featurize_instead(ctx: Context, job: JobSnapshot, side: str, plan: SidePlan
     return records.replan_side(ctx.sessions, job.id, side, again, f"{problem}; featurized again", MAX_RECOMPUTES)
 
 
-def _merge_shards(ctx: Context, job: JobSnapshot, side: str, plan: SidePlan) -> FeatureStats | list[int]:
-    """The side's merged statistics, or the indices of shards whose partials were lost."""
+def _merge_shards(
+    ctx: Context, job: JobSnapshot, side: str, plan: SidePlan, extractor: str
+) -> FeatureStats | list[int]:
+    """The side's merged statistics of one extractor, or the indices of shards whose partials were lost."""
     missing: list[int] = []
 
     def present() -> Iterator[FeatureStats]:
         for index in range(len(plan.shards)):
-            part = ctx.partials.get(job.id, side, index, features=job.keeps_features(side))
+            part = ctx.partials.get(job.id, side, index, features=job.keeps_features(side, extractor),
+                                     extractor=extractor)
             if part is None:
                 missing.append(index)
             elif not missing:
@@ -313,25 +343,52 @@ def _merge_shards(ctx: Context, job: JobSnapshot, side: str, plan: SidePlan) -> 
     return missing or merged
 
 
-def _cache_reference(ctx: Context, job: JobSnapshot, plan: SidePlan, stats: FeatureStats, name: str | None) -> None:
-    resize = job.config.resize
-    key = plan.store_key or reference_key(plan.content_hash, job.weights_sha256, resize)
-    store_reference(ctx.store, key, stats, content_hash=plan.content_hash, weights_sha256=job.weights_sha256,
-                    resize=resize)
-    if name:
-        records.register_reference(
-            ctx.sessions, NamedReference(name, plan.uri, plan.content_hash, job.weights_sha256, resize, stats.n, key)
-        )
+def _cache_reference(ctx: Context, job: JobSnapshot, plan: SidePlan, stats: FeatureStats, extractor: str) -> None:
+    resize, weights = job.config.resize, job.extractor_weights[extractor]
+    key = plan.store_keys.get(extractor) or reference_key(plan.content_hash, weights, resize)
+    store_reference(ctx.store, key, stats, content_hash=plan.content_hash, weights_sha256=weights, resize=resize)
 
 
-def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Shard]) -> dict[str, Any]:
-    """The record of a finished evaluation: the values under torch-fidelity's keys, and what they depend on."""
+def _register_reference(ctx: Context, job: JobSnapshot, plan: SidePlan, name: str) -> None:
+    """Name the statistics a reference job cached, one file per extractor."""
+    resize, weights = job.config.resize, job.extractor_weights
+    stored = {e: (weights[e], plan.store_keys.get(e) or reference_key(plan.content_hash, weights[e], resize))
+              for e in job.config.featurizers}
+    first_weights, first_key = next(iter(stored.values()))
+    records.register_reference(
+        ctx.sessions,
+        NamedReference(name, plan.uri, plan.content_hash, first_weights, resize, plan.n, first_key,
+                       stored if list(stored) != [keys.INCEPTION] else {}),
+    )
+
+
+def reported_values(config: EvalConfig, computed: dict[str, dict[str, float]]) -> dict[str, float]:
+    """What torch-fidelity's `calculate_metrics` would return under its own keys: each metric on its first
+    extractor (Inception for IS, FID and KID and VGG16 for PRC when none is named; else the first named)."""
+    out: dict[str, float] = {}
+    for metric, metric_keys in keys.KEYS_OF_METRIC.items():
+        on = config.extractors_for(metric)
+        if on and on[0] in computed:
+            out.update({k: computed[on[0]][k] for k in metric_keys if k in computed[on[0]]})
+    return out
+
+
+def result_document(job: JobSnapshot, computed: dict[str, dict[str, float]], shards: list[Shard]) -> dict[str, Any]:
+    """The record of a finished evaluation: the values under torch-fidelity's keys, every extractor's values under
+    the names of the results database, and what they depend on (each extractor's weights)."""
+    values = {keys.qualified_key(k, e): v for e, vs in computed.items() for k, v in vs.items()}
+    reported = reported_values(job.config, computed)
+    weights = job.extractor_weights
     featurized = sum(sh.stop - sh.start for sh in shards)
     starts = [sh.started_at for sh in shards if sh.started_at]
     ends = [sh.finished_at for sh in shards if sh.finished_at]
     wall = (max(ends) - min(starts)).total_seconds() if starts and ends else 0.0
     config = job.config
+    canonical = {e: canonical_weights(e, weights.get(e)) for e in config.featurizers}
     return {
+        # torch-fidelity's key holds the first extractor's value where no value of the same name is stored:
+        # a name means one thing in the document and in the results database
+        **reported,
         **values,
         "job_id": job.id,
         "n_samples": job.n_samples,
@@ -341,12 +398,17 @@ def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Sha
         "reference": job.reference_uri,
         "reference_sha256": job.reference_hash,
         "weights_sha256": job.weights_sha256,
-        "weights_canonical": keys.is_canonical_inception(job.weights_sha256),
+        # False when any extractor's weights are known not to be the published file (DINOv2's have no hash)
+        "weights_canonical": all(c is not False for c in canonical.values()),
+        "extractors": {
+            e: {"weights_sha256": weights.get(e), "weights_canonical": canonical[e], "metrics": computed.get(e, {})}
+            for e in config.featurizers
+        },
         "resize": config.resize,
         "settings": config.to_dict(),
         **(
             {"kid_subset_size_used": kid_subset_size(config, job.n_samples, job.n_reference)}
-            if keys.KEY_KID_MEAN in values
+            if "kid" in config.metrics
             else {}
         ),
         "images_featurized": featurized,
@@ -356,6 +418,6 @@ def result_document(job: JobSnapshot, values: dict[str, float], shards: list[Sha
         "step": job.step,
         "tags": job.tags,
         "evalfarm_version": __version__,
-        "metric_keys": [k for k in keys.METRIC_KEYS if k in values],
+        "metric_keys": sorted(values, key=lambda name: (keys.ALL_METRIC_KEYS.index(keys.split_qualified(name)[0]), name)),
         **({"warnings": list(job.plan.notes)} if job.plan.notes else {}),
     }

@@ -23,7 +23,7 @@ from typing import Any
 
 from evalfarm.config import EvalConfig
 from evalfarm.errors import EvalfarmError, JobNotFound
-from evalfarm.keys import METRIC_FAMILIES, METRIC_LABELS
+from evalfarm.keys import INCEPTION, METRIC_FAMILIES, METRIC_LABELS
 from evalfarm.runs import ResultsSource
 from evalfarm.states import JobState
 from evalfarm.watch.sets import SampleSet, discover, step_parser
@@ -100,7 +100,8 @@ class Backend:
 class EmbeddedBackend(Backend):
     """Each set evaluated on this machine, one at a time, by the runner behind `evalfarm eval`."""
 
-    def __init__(self, *, weights: str | None = None, device: str | None = None, progress: bool = False) -> None:
+    def __init__(self, *, weights: str | None = None, extractor_weights: dict[str, str] | None = None,
+                 device: str | None = None, progress: bool = False) -> None:
         from evalfarm.db import session_factory
         from evalfarm.runs import DatabaseResults
         from evalfarm.settings import get_settings
@@ -109,12 +110,13 @@ class EmbeddedBackend(Backend):
         self.sessions = session_factory(self.settings.db_url)
         self.results = DatabaseResults(self.settings)
         self.weights, self.device, self.progress = weights, device, progress
+        self.extractor_weights = extractor_weights or {}
 
     def start(self, s: SampleSet, key: str, opts: WatchOptions, on_job: Callable[[str], None]) -> dict | None:
         from evalfarm.scheduler.embedded import run_embedded
 
         return run_embedded(str(s.path), opts.ref, opts.config, settings=self.settings, weights=self.weights,
-                            device=self.device, run=opts.run, step=s.step, tags=opts.tags, progress=self.progress,
+                            extractor_weights=self.extractor_weights, device=self.device, run=opts.run, step=s.step, tags=opts.tags, progress=self.progress,
                             on_job=on_job)
 
     def look(self, job_id: str) -> Earlier:
@@ -381,12 +383,17 @@ class Watcher:
 
 
 def summary(result: dict[str, Any]) -> str:
-    """`FID 12.3  IS 4.56 ± 0.12  KID 0.0123 ± 0.0021`: the families a result holds."""
+    """`FID 12.3  IS 4.56 ± 0.12  KID 0.0123 ± 0.0021`: the families a result holds, each labelled with its
+    extractor where that is not Inception (`FID@dinov2-vit-l-14 3.1`)."""
     parts = []
-    for family, (key, std_key) in METRIC_FAMILIES.items():
-        if key in result:
-            std = f" ± {result[std_key]:.3g}" if std_key and std_key in result else ""
-            parts.append(f"{METRIC_LABELS[family]} {result[key]:.6g}{std}")
+    by_extractor = result.get("extractors") or {INCEPTION: {"metrics": result}}
+    for extractor, info in by_extractor.items():
+        values = info.get("metrics") or {}
+        on = "" if extractor == INCEPTION else f"@{extractor}"
+        for family, (key, std_key) in METRIC_FAMILIES.items():
+            if key in values:
+                std = f" ± {values[std_key]:.3g}" if std_key and std_key in values else ""
+                parts.append(f"{METRIC_LABELS[family]}{on} {values[key]:.6g}{std}")
     return "  ".join(parts) or "no metric"
 
 

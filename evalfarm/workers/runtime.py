@@ -11,14 +11,17 @@ import socket
 
 from celery import signals
 
-from evalfarm.models import FeatureExtractor, Weights, load_weights
+from evalfarm.keys import INCEPTION
+from evalfarm.models import Weights
+from evalfarm.models.featurizers import Featurizer, build_featurizer, load_weights_for
 from evalfarm.scheduler.context import Context, farm_context
 from evalfarm.settings import get_settings
 
 _ctx: Context | None = None
 _ctx_pid: int | None = None
-_weights: Weights | None = None
-_extractor: FeatureExtractor | None = None
+_weights: dict[str, Weights] = {}
+_featurizers: dict[str, Featurizer] = {}  #: least recently used first
+MAX_HELD = 3  #: networks kept loaded per worker process
 _device: str | None = None
 
 
@@ -30,20 +33,28 @@ def context() -> Context:
     return _ctx
 
 
-def weights() -> Weights:
-    """The weights this farm is configured with (hashed once per process); jobs are pinned to them."""
-    global _weights
-    if _weights is None:
-        _weights = load_weights(get_settings())
-    return _weights
+def weights(name: str = INCEPTION) -> Weights:
+    """The weights this farm is configured with for an extractor (found, or downloaded, and hashed once per
+    process, when a job first needs them); jobs are pinned to them."""
+    if name not in _weights:
+        _weights[name] = load_weights_for(get_settings(), name)
+    return _weights[name]
 
 
-def extractor(precision: str) -> FeatureExtractor:
-    """The network, loaded once per worker process on its own GPU, kept for the process's life."""
-    global _extractor
-    if _extractor is None or _extractor.precision != precision:
-        _extractor = FeatureExtractor(weights(), _device or get_settings().device, precision)
-    return _extractor
+def featurizers(names: tuple[str, ...], precision: str) -> list[Featurizer]:
+    """The job's networks, each loaded once per worker process on its own GPU. The most recently used
+    MAX_HELD are kept, so that shards of jobs on different extractors take turns without reloading, and a GPU
+    does not fill up with every extractor ever used."""
+    out = []
+    for name in names:
+        held = _featurizers.pop(name, None)
+        if held is None or getattr(held, "precision", "fp32") != precision:
+            held = build_featurizer(name, weights(name), _device or get_settings().device, precision)
+        _featurizers[name] = held  # now the most recently used
+        out.append(held)
+    while len(_featurizers) > max(MAX_HELD, len(names)):
+        del _featurizers[next(iter(_featurizers))]
+    return out
 
 
 def worker_name() -> str:

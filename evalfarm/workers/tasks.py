@@ -104,7 +104,7 @@ def _fail_shard(job_id: str, side: str, index: int, *, message: str, final: bool
 @farm_task(PLAN_TASK, on_failure=_fail_planning, what="planning")
 def plan_job_task(job_id: str) -> None:
     """Plan the job with this farm's weights, then enqueue its shards (or its reduce, if none)."""
-    planned = steps.plan_job(runtime.context(), job_id, runtime.weights().sha256,
+    planned = steps.plan_job(runtime.context(), job_id, lambda name: runtime.weights(name).sha256,
                              heartbeat_s=get_settings().heartbeat_s)
     for side, index in planned.shards:
         featurize_shard.delay(job_id, side, index)
@@ -116,9 +116,10 @@ def plan_job_task(job_id: str) -> None:
 def featurize_shard(job_id: str, side: str, index: int) -> None:
     """Featurize one shard; the shard that completes the job enqueues its reduce."""
     ctx, settings = runtime.context(), get_settings()
-    precision = records.get_job(ctx.sessions, job_id).config.precision
+    config = records.get_job(ctx.sessions, job_id).config
     ready = steps.run_shard(
-        ctx, job_id, side, index, runtime.extractor(precision), worker=runtime.worker_name(),
+        ctx, job_id, side, index, runtime.featurizers(config.featurizers, config.precision),
+        worker=runtime.worker_name(),
         lease_s=settings.lease_s, heartbeat_s=settings.heartbeat_s, num_workers=settings.loader_workers,
     )
     if ready:
