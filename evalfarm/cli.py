@@ -18,6 +18,7 @@ from evalfarm import keys
 from evalfarm.config import (
     DEFAULT_SEED,
     DEFAULT_SHARD_SIZE,
+    PRC_BLOCK,
     PRC_NEIGHBORHOOD,
     EvalConfig,
     default_metrics,
@@ -73,6 +74,12 @@ def metric_options(fn: Callable) -> Callable:
         click.option("--no-cache", is_flag=True, help="Neither reuse nor store cached reference statistics."),
         click.option("--prc-neighborhood", type=int, default=PRC_NEIGHBORHOOD, show_default=True,
                      help="Precision/recall: a sample's radius reaches its k-th nearest neighbour."),
+        click.option("--prc-tile", type=int, default=PRC_BLOCK, show_default=True,
+                     help="Precision/recall: rows and columns of one distance tile (one task; a multiple of "
+                          "--prc-block). Results do not depend on it."),
+        click.option("--prc-block", type=int, default=PRC_BLOCK, show_default=True,
+                     help="Precision/recall: the distance block; torch-fidelity's own at 10000 (bit-exact), "
+                          "another one moves distances by float32 rounding."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -99,6 +106,8 @@ def config_from_flags(kw: dict[str, Any]) -> EvalConfig:
             cache=not kw.pop("no_cache"),
             extractors=extractors,
             prc_neighborhood=kw.pop("prc_neighborhood"),
+            prc_tile=kw.pop("prc_tile"),
+            prc_block=kw.pop("prc_block"),
         )
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc

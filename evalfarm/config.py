@@ -10,9 +10,10 @@ from evalfarm.keys import DEFAULT_EXTRACTOR, EXTRACTOR_NAMES, INCEPTION
 METRICS = ("is", "fid", "kid", "prc")
 DEFAULT_METRICS = ("is", "fid", "kid")
 PRC_NEIGHBORHOOD = 3  #: torch-fidelity's `prc_neighborhood`
+PRC_BLOCK = 10000  #: torch-fidelity's `prc_batch_size`: the distance block (see `evalfarm.metrics.prc`)
 #: fields added after jobs were first stored: left out of `to_dict` at their defaults, so that a request's
 #: digest (idempotency keys) and a stored job's config read the same as before they existed
-_LATER_FIELDS = {"extractors": (), "prc_neighborhood": PRC_NEIGHBORHOOD}
+_LATER_FIELDS = {"extractors": (), "prc_neighborhood": PRC_NEIGHBORHOOD, "prc_block": PRC_BLOCK, "prc_tile": PRC_BLOCK}
 RESIZE_MODES = ("tf", "clean")  #: tf: TF1 bilinear (torch-fidelity); clean: PIL bicubic (clean-fid)
 DEFAULT_SEED = 2020  #: torch-fidelity's rng_seed: IS split shuffling and KID subset draws
 DEFAULT_SHARD_SIZE = 5000  #: ~minutes per shard on one GPU; keeps redelivery cheap and partials few
@@ -38,6 +39,12 @@ class EvalConfig:
     """Feature extractors for FID, KID and PRC (IS is Inception's alone). Empty: torch-fidelity's defaults,
     FID-InceptionV3 for IS, FID and KID and VGG16 for PRC."""
     prc_neighborhood: int = PRC_NEIGHBORHOOD
+    prc_block: int = PRC_BLOCK
+    """Distances are computed in blocks of this many rows and columns. At torch-fidelity's 10000 they are its
+    own, bit for bit; another block changes a distance by float32 rounding (a pair right at a radius may flip)."""
+    prc_tile: int = PRC_BLOCK
+    """Rows and columns of one precision/recall task on the farm (a multiple of the block): its memory bound.
+    Results do not depend on it."""
 
     def __post_init__(self) -> None:
         for name in ("metrics", "extractors"):  # "fid,kid" and lists, as callers of the Python API pass them
@@ -70,6 +77,8 @@ class EvalConfig:
             raise ValueError(f"--precision {self.precision} applies to {INCEPTION} only; {others[0]} runs in fp32")
         if isinstance(self.prc_neighborhood, bool) or self.prc_neighborhood < 1:
             raise ValueError(f"prc_neighborhood must be a positive integer; got {self.prc_neighborhood!r}")
+        if self.prc_block < 1 or self.prc_tile < 1 or self.prc_tile % self.prc_block:
+            raise ValueError(f"prc_tile must be a positive multiple of prc_block ({self.prc_block}); got {self.prc_tile}")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}")
         for name in ("splits", "kid_subsets", "kid_subset_size", "batch_size", "shard_size"):

@@ -380,6 +380,17 @@ def test_control_characters_are_422_naming_the_field(service, field, value):
     assert status == 422 and answer["detail"][0]["loc"] == ["body", field]
 
 
+def test_extractors_travel_with_the_job_and_an_impossible_combination_is_422(service):
+    body = {"samples": missing(service, "dino"), "ref": missing(service, "dino-ref"), "metrics": "fid,prc",
+            "extractors": "dinov2-vit-l-14,clip-vit-l-14"}
+    status, created = call(service, "POST", "/v1/jobs", body, who="alice")
+    assert status == 201, created
+    config = records.get_job(service.farm.ctx.sessions, created["job_id"]).config.to_dict()
+    assert config["extractors"] == ["dinov2-vit-l-14", "clip-vit-l-14"] and config["metrics"] == ["fid", "prc"]
+    status, answer = call(service, "POST", "/v1/jobs", {**body, "metrics": "is,fid"}, who="alice")
+    assert status == 422 and "Inception Score is defined on inception-v3-compat" in json.dumps(answer)
+
+
 def test_a_seed_numpy_cannot_take_is_422(service):
     for seed in (-1, 2**32):
         status, answer = call(service, "POST", "/v1/jobs", {"samples": missing(service, "seed"), "metrics": "is",

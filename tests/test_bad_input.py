@@ -264,7 +264,7 @@ def test_stats_file_of_the_wrong_shape_is_refused(
 
 
 def test_fid_without_a_reference_is_refused_naming_ref(samples: Path, weights_path: Path, no_featurizing: None) -> None:
-    with pytest.raises(InvalidField, match=r"ref: FID and KID need a reference"):
+    with pytest.raises(InvalidField, match=r"ref: FID, KID and PRC need a reference"):
         evalfarm.evaluate(str(samples), None, weights=str(weights_path), metrics=("fid",))
     assert jobs() == []  # refused before a job is recorded
 

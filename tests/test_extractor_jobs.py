@@ -365,3 +365,113 @@ def test_an_inception_weights_pin_on_a_job_without_inception_is_refused(image_se
                                  EvalConfig(metrics=("fid",), extractors=("dinov2-vit-s-14",)), weights_sha256="a" * 64)
     with pytest.raises(InvalidField, match="does not use inception-v3-compat"):
         records.create_job(ctx.sessions, request, mode="embedded")
+
+
+def test_the_run_page_charts_another_extractor_s_values_apart(two_extractor_job) -> None:
+    from evalfarm.api.dashboard import other_extractors
+    from evalfarm.runs import Point, series
+
+    metrics = {n: two_extractor_job[n] for n in two_extractor_job["metric_keys"]}
+    points = [Point(run="r", step=s, job_id=str(s), finished_at=None, metrics=metrics) for s in (1, 2)]
+    assert other_extractors(points) == ["dinov2-vit-s-14"]
+    assert [v for _, v, _ in series(points, "fid", "dinov2-vit-s-14")] == [metrics[f"{keys.KEY_FID}@dinov2-vit-s-14"]] * 2
+    assert [v for _, v, _ in series(points, "fid")] == [metrics[keys.KEY_FID]] * 2
+
+
+# -- precision/recall's tiles: the same numbers for any tiling, a lost or abandoned tile run again ------------------
+
+
+@pytest.fixture(scope="module")
+def prc_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("prc-sets")
+    return (write_images(root / "generated", 21, 32, seed=71, brightness=1.0),
+            write_images(root / "real", 21, 32, seed=72, brightness=1.0))
+
+
+def prc_job(prc_sets, extractor_weights, **config) -> dict:
+    return evalfarm.evaluate(str(prc_sets[0]), str(prc_sets[1]), metrics=("prc",), extractors=("clip-vit-b-32",),
+                             extractor_weights={"clip-vit-b-32": str(extractor_weights("clip-vit-b-32"))},
+                             device="cpu", shard_size=8, **config)
+
+
+def test_prc_is_identical_for_1_3_and_7_tiles_per_side(prc_sets, extractor_weights) -> None:
+    from evalfarm.metrics.prc import precision_recall
+
+    tile_of = {1: 21, 3: 9, 7: 3}  # tiles per side of 21 samples: ceil(21 / tile)
+    results = {per_side: prc_job(prc_sets, extractor_weights, prc_block=3, prc_tile=tile)
+               for per_side, tile in tile_of.items()}
+    values = {n: {k: r[k] for k in (keys.KEY_PRECISION, keys.KEY_RECALL, keys.KEY_F_SCORE)} for n, r in results.items()}
+    assert values[1] == values[3] == values[7]
+    assert 0 < values[1][keys.KEY_PRECISION] < 1 or 0 < values[1][keys.KEY_RECALL] < 1
+    net = extractors.build("clip-vit-b-32", extractor_weights("clip-vit-b-32"), "cpu")
+    from evalfarm.pipeline import featurize_range
+    from evalfarm.sources import open_source
+
+    gen, real = (featurize_range(open_source(str(p)), 0, 21, net, num_workers=0).features for p in prc_sets)
+    assert values[1] == precision_recall(gen, real, block=3, tile=3)  # the in-process math, same block
+
+
+def tiles_job(prc_sets, config):  # noqa: ANN001, ANN201
+    """A PRC job planned and featurized here, stopped where its reduce hands out the first tiles."""
+    from evalfarm.scheduler import records
+    from evalfarm.scheduler.context import embedded_context
+    from evalfarm.scheduler.steps import plan_job, reduce_job, run_shard
+
+    ctx = embedded_context(get_settings())
+    job_id = records.create_job(ctx.sessions, records.Submission(str(prc_sets[0]), str(prc_sets[1]), config),
+                                mode="embedded").job_id
+    return ctx, job_id, plan_job, reduce_job, run_shard
+
+
+def test_a_tile_whose_worker_died_is_handed_out_again_when_its_lease_ends(prc_sets, weights_path) -> None:
+    import time
+
+    from evalfarm.config import EvalConfig
+    from evalfarm.models import FeatureExtractor, Weights
+    from evalfarm.models.weights import file_sha256
+    from evalfarm.scheduler.steps import run_prc_tile
+
+    config = EvalConfig(metrics=("prc",), extractors=(keys.INCEPTION,), prc_block=7, prc_tile=7, shard_size=100)
+    ctx, job_id, plan_job, reduce_job, run_shard = tiles_job(prc_sets, config)
+    net = FeatureExtractor(Weights(weights_path, file_sha256(weights_path)), "cpu")
+    for side, index in plan_job(ctx, job_id, {keys.INCEPTION: net.weights.sha256}).shards:
+        run_shard(ctx, job_id, side, index, net, num_workers=0)
+    first = reduce_job(ctx, job_id, lease_s=0.2)
+    assert len(first.tiles) == 2 * 9 and first.result is None  # 3 × 3 tiles of each side's distances
+    assert reduce_job(ctx, job_id, lease_s=0.2).tiles == ()  # all leased: nothing is sent twice
+    time.sleep(0.3)  # the worker that took them died: their leases run out
+    again = reduce_job(ctx, job_id, lease_s=0.2)
+    assert set(again.tiles) == set(first.tiles)
+    for name in again.tiles:
+        run_prc_tile(ctx, job_id, name)
+    cover = reduce_job(ctx, job_id)
+    assert len(cover.tiles) == 9 and all("/cover/" in t for t in cover.tiles)
+    for name in cover.tiles:
+        run_prc_tile(ctx, job_id, name)
+    lost = cover.tiles[0]
+    ctx.partials._blobs[(job_id, lost)] = b"garbage"  # noqa: SLF001 - one result altered on disk: it no longer
+    assert reduce_job(ctx, job_id).tiles == (lost,)  # matches its digest, and is computed again, not guessed
+    run_prc_tile(ctx, job_id, lost)
+    done = reduce_job(ctx, job_id).result
+    expected = evalfarm.evaluate(str(prc_sets[0]), str(prc_sets[1]), weights=str(weights_path), device="cpu",
+                                 config=config)
+    assert {k: done[k] for k in expected["metric_keys"]} == {k: expected[k] for k in expected["metric_keys"]}
+
+
+def test_a_tile_started_too_often_fails_the_job(prc_sets, weights_path) -> None:
+    from evalfarm.config import EvalConfig
+    from evalfarm.errors import JobError
+    from evalfarm.models import FeatureExtractor, Weights
+    from evalfarm.models.weights import file_sha256
+    from evalfarm.scheduler.steps import MAX_ATTEMPTS, run_prc_tile
+
+    config = EvalConfig(metrics=("prc",), extractors=(keys.INCEPTION,), shard_size=100)
+    ctx, job_id, plan_job, reduce_job, run_shard = tiles_job(prc_sets, config)
+    net = FeatureExtractor(Weights(weights_path, file_sha256(weights_path)), "cpu")
+    for side, index in plan_job(ctx, job_id, {keys.INCEPTION: net.weights.sha256}).shards:
+        run_shard(ctx, job_id, side, index, net, num_workers=0)
+    name = reduce_job(ctx, job_id).tiles[0]
+    for _ in range(MAX_ATTEMPTS):
+        ctx.partials.attempt(job_id, name)  # started, and its worker died, each time
+    with pytest.raises(JobError, match=r"precision/recall tile inception-v3-compat/nearest-samples/0 started 4 times"):
+        run_prc_tile(ctx, job_id, name)

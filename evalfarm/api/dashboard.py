@@ -34,8 +34,9 @@ from evalfarm.keys import (
     METRIC_FAMILIES,
     METRIC_LABELS,
     VGG16,
+    split_qualified,
 )
-from evalfarm.runs import run_history, series
+from evalfarm.runs import Point, run_history, series
 from evalfarm.scheduler import queries
 from evalfarm.scheduler.tokens import Principal
 
@@ -112,6 +113,11 @@ def run_page(run: str, request: Request, who: Principal = Depends(login.viewer),
         return error_page(request, 404, "No such run",
                           f"Run {run!r} has no succeeded evaluation.", who=who)
     charts = [_chart([Series(run, series(points, family))], family) for family in FAMILIES]
+    for extractor in other_extractors(points):  # a DINOv2 or CLIP Fréchet distance gets a chart of its own
+        for family in FAMILIES:
+            drawn = series(points, family, extractor)
+            if drawn:
+                charts.append(_chart([Series(run, drawn)], family, extractor))
     unplotted = sum(p.step is None for p in points)
     seeded = sum(not p.canonical_weights for p in points)
     return render(request, "run.html", who, run=run, points=points, charts=charts, families=FAMILIES,
@@ -214,9 +220,16 @@ def unavailable(request: Request) -> Response:
                       "once it is back: reload in a few seconds.", headers={"Retry-After": "5"})
 
 
-def _chart(series: list[Series], family: str) -> dict[str, Any]:
-    label = METRIC_LABELS[family]
-    return {"family": family, "label": label, "svg": Markup(line_chart(series, metric=family, label=label))}
+def _chart(series: list[Series], family: str, extractor: str | None = None) -> dict[str, Any]:
+    label = METRIC_LABELS[family] + (f" on {extractor}" if extractor else "")
+    return {"family": family, "id": family + (f"-{extractor}" if extractor else ""), "label": label,
+            "svg": Markup(line_chart(series, metric=family, label=label))}
+
+
+def other_extractors(points: list[Point]) -> list[str]:
+    """The extractors other than Inception that a run's results hold values of, in the order first seen."""
+    found = (split_qualified(name)[1] for p in points for name in p.metrics if "@" in name)
+    return [e for e in dict.fromkeys(found) if e != INCEPTION]
 
 
 # -- template filters ------------------------------------------------------------------------------------------------

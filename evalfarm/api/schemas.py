@@ -48,6 +48,9 @@ class JobRequest(BaseModel):
                                         description="Extractors for FID, KID and PRC; empty: torch-fidelity's "
                                                     "defaults (Inception, and VGG16 for PRC).")
     prc_neighborhood: int = Field(_DEFAULTS.prc_neighborhood, ge=1, le=1000)
+    prc_block: int = Field(_DEFAULTS.prc_block, ge=1, le=100_000)
+    prc_tile: int = Field(_DEFAULTS.prc_tile, ge=1, le=1_000_000,
+                          description="Rows and columns of one precision/recall task; a multiple of prc_block.")
     run: str | None = Field(None, min_length=1, max_length=200)
     step: int | None = Field(None, ge=0, le=MAX_STEP)
     tags: dict[str, str] = Field(default_factory=dict, max_length=MAX_TAGS)

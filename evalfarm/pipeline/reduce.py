@@ -33,9 +33,15 @@ def kid_subset_size(config: EvalConfig, n_samples: int, n_reference: int) -> int
 
 
 def compute_metrics(
-    config: EvalConfig, samples: FeatureStats, reference: FeatureStats | None, extractor: str = keys.INCEPTION
+    config: EvalConfig,
+    samples: FeatureStats,
+    reference: FeatureStats | None,
+    extractor: str = keys.INCEPTION,
+    *,
+    prc: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """The metrics `config` computes on `extractor`'s features of both sides, under torch-fidelity's keys."""
+    """The metrics `config` computes on `extractor`'s features of both sides, under torch-fidelity's keys.
+    `prc`: precision/recall computed already (by tiles); without it, it is computed here, tile by tile."""
     metrics = config.metrics_on(extractor)
     out: dict[str, float] = {}
     if "is" in metrics:
@@ -62,7 +68,9 @@ def compute_metrics(
             raise MetricInputError(
                 "precision/recall needs the reference's features, but this reference holds only mu/sigma statistics."
             )
-        out.update(precision_recall(samples.features, reference.features, neighborhood=config.prc_neighborhood))
+        out.update(prc if prc is not None else precision_recall(
+            samples.features, reference.features, neighborhood=config.prc_neighborhood, tile=config.prc_tile,
+            block=config.prc_block))
     for k, v in out.items():
         if not np.isfinite(v):
             raise MetricInputError(f"{k} came out non-finite ({v}); refusing to report it.")

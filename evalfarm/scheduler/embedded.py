@@ -19,7 +19,7 @@ from evalfarm.scheduler import records
 from evalfarm.scheduler.context import embedded_context
 from evalfarm.scheduler.ends import fail_job
 from evalfarm.scheduler.job import EMBEDDED
-from evalfarm.scheduler.steps import plan_job, reduce_job, run_shard
+from evalfarm.scheduler.steps import plan_job, reduce_job, run_prc_tile, run_shard
 from evalfarm.settings import Settings, get_settings
 
 
@@ -75,8 +75,12 @@ def run_embedded(
     try:
         featurize(plan_job(ctx, job_id, lambda name: w[name].sha256, heartbeat_s=settings.heartbeat_s).shards)
         outcome = reduce_job(ctx, job_id, heartbeat_s=settings.heartbeat_s)
-        while outcome.recompute:  # a cached reference turned out unusable: its images are featurized instead
+        # A cached reference turned out unusable (its images are featurized instead), or precision/recall's
+        # tiles: the farm's tasks, run here one after the other.
+        while outcome.recompute or outcome.tiles:
             featurize(outcome.recompute)
+            for name in outcome.tiles:
+                run_prc_tile(ctx, job_id, name, heartbeat_s=settings.heartbeat_s)
             outcome = reduce_job(ctx, job_id, heartbeat_s=settings.heartbeat_s)
         if outcome.result is None:
             raise JobError(f"job {job_id} did not finish: {records.get_job(ctx.sessions, job_id).error or 'unknown state'}")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,12 +51,36 @@ class PartialStore(Protocol):
     def drop(self, job_id: str) -> None:
         """Forget every shard of the job (it finished, failed or was cancelled)."""
 
+    # Blobs: the reducer's intermediate results (precision/recall's feature blocks and tiles), by name.
+
+    def put_blob(self, job_id: str, name: str, data: bytes) -> None:
+        """Store `data` under `name`, replacing what was there."""
+
+    def get_blob(self, job_id: str, name: str) -> bytes | None:
+        """The bytes stored under `name`, or None when they were lost or do not match their digest."""
+
+    def blob_names(self, job_id: str) -> set[str]:
+        """The names of the blobs recorded (without reading them)."""
+
+    def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
+        """Take the lease of work `name` for `ttl_s` (True), unless someone holds it; `renew` extends one held."""
+
+    def release(self, job_id: str, name: str) -> None:
+        """End the lease of work `name` (it is done)."""
+
+    def attempt(self, job_id: str, name: str) -> int:
+        """Count one more start of work `name`; returns the count."""
+
 
 class MemoryPartials:
     """In this process, for the embedded runner and the state machine's unit tests."""
 
     def __init__(self) -> None:
         self._items: dict[tuple[str, str, int], dict[str, FeatureStats]] = {}
+        self._blobs: dict[tuple[str, str], bytes] = {}
+        self._digests: dict[tuple[str, str], str] = {}
+        self._leases: dict[tuple[str, str], float] = {}
+        self._attempts: dict[tuple[str, str], int] = {}
 
     def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
         self._items[(job_id, side, shard)] = dict(parts)
@@ -67,11 +93,39 @@ class MemoryPartials:
         self._items.pop((job_id, side, shard), None)
 
     def job_ids(self) -> set[str]:
-        return {k[0] for k in self._items}
+        return {k[0] for k in self._items} | {k[0] for k in self._blobs}
 
     def drop(self, job_id: str) -> None:
         for key in [k for k in self._items if k[0] == job_id]:
             del self._items[key]
+        for store in (self._blobs, self._digests, self._leases, self._attempts):
+            for key in [k for k in store if k[0] == job_id]:
+                del store[key]
+
+    def put_blob(self, job_id: str, name: str, data: bytes) -> None:
+        self._blobs[(job_id, name)], self._digests[(job_id, name)] = data, _digest(data)
+
+    def get_blob(self, job_id: str, name: str) -> bytes | None:
+        """Checked against its digest as the farm's store checks it: bytes altered after `put` count as lost."""
+        data = self._blobs.get((job_id, name))
+        return data if data is not None and _digest(data) == self._digests.get((job_id, name)) else None
+
+    def blob_names(self, job_id: str) -> set[str]:
+        return {n for j, n in self._blobs if j == job_id}
+
+    def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
+        now = time.monotonic()
+        if not renew and self._leases.get((job_id, name), 0.0) > now:
+            return False
+        self._leases[(job_id, name)] = now + ttl_s
+        return True
+
+    def release(self, job_id: str, name: str) -> None:
+        self._leases.pop((job_id, name), None)
+
+    def attempt(self, job_id: str, name: str) -> int:
+        self._attempts[(job_id, name)] = self._attempts.get((job_id, name), 0) + 1
+        return self._attempts[(job_id, name)]
 
 
 def _digest(data: bytes) -> str:
@@ -151,3 +205,48 @@ class RedisPartials:
         for key in self.redis.scan_iter(match=f"evalfarm:partial:{job_id}:*", count=500):
             self.redis.delete(key)
         self.store.delete_prefix(f"jobs/{job_id}")
+
+    # Blobs: bytes in the feature store, their digests in one Redis hash per job; leases and attempt counts
+    # beside them. All under the job's `evalfarm:partial:` prefix, so `drop` and the janitor remove them too.
+
+    def _blobs(self, job_id: str) -> str:
+        return f"evalfarm:partial:{job_id}:blobs"
+
+    @staticmethod
+    def _blob_file(job_id: str, name: str) -> str:
+        return f"jobs/{job_id}/blobs/{name}"
+
+    def put_blob(self, job_id: str, name: str, data: bytes) -> None:
+        self.store.put_bytes(self._blob_file(job_id, name), data)
+        with self.redis.pipeline() as p:
+            p.hset(self._blobs(job_id), name, _digest(data))
+            p.expire(self._blobs(job_id), self.ttl_s)
+            p.execute()
+
+    def get_blob(self, job_id: str, name: str) -> bytes | None:
+        digest = self.redis.hget(self._blobs(job_id), name)
+        if digest is None:
+            return None
+        try:
+            data = self.store.get_bytes(self._blob_file(job_id, name))
+        except FileNotFoundError:
+            return None
+        return data if _digest(data) == digest.decode() else None
+
+    def blob_names(self, job_id: str) -> set[str]:
+        return {k.decode() for k in self.redis.hkeys(self._blobs(job_id))}
+
+    def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
+        key = f"evalfarm:partial:{job_id}:lease:{name}"
+        return bool(self.redis.set(key, "1", px=max(1, math.ceil(ttl_s * 1000)), nx=not renew))
+
+    def release(self, job_id: str, name: str) -> None:
+        self.redis.delete(f"evalfarm:partial:{job_id}:lease:{name}")
+
+    def attempt(self, job_id: str, name: str) -> int:
+        key = f"evalfarm:partial:{job_id}:attempts"
+        with self.redis.pipeline() as p:
+            p.hincrby(key, name, 1)
+            p.expire(key, self.ttl_s)
+            count, _ = p.execute()
+        return int(count)

@@ -86,7 +86,7 @@ def create_job(
     """
     config = request.config
     if request.kind == JOB_EVAL and config.needs_reference and not request.ref:
-        raise InvalidField("ref", "FID and KID need a reference: give one (--ref), or ask for IS only")
+        raise InvalidField("ref", "FID, KID and PRC need a reference: give one (--ref), or ask for IS only")
     if request.kind == JOB_EVAL and not config.metrics:
         raise InvalidField("metrics", "no metrics requested")
     if request.weights_sha256 and INCEPTION not in config.featurizers:

@@ -21,7 +21,7 @@ from evalfarm.errors import JobCancelled, JobError, MetricInputError, SourceErro
 from evalfarm.metrics import FeatureStats, split_assignment
 from evalfarm.models.featurizers import Featurizer, canonical_weights
 from evalfarm.pipeline import compute_metrics, featurize_extractors, kid_subset_size, merge_in_order
-from evalfarm.scheduler import records
+from evalfarm.scheduler import prc_tiles, records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.job import FARM, JobSnapshot
 from evalfarm.scheduler.lease import Lease
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 WeightsOf = Callable[[str], str]
 """The SHA-256 of this machine's weights for an extractor (loading, or downloading, them on first use)."""
 
+DEFAULT_LEASE_S = 45.0  #: see `Settings.lease_s`
 MAX_ATTEMPTS = 4  #: a shard started this often (worker deaths included) fails the job: a poison shard
 MAX_RECOMPUTES = 3  #: lost partials are recomputed at most this often before the job fails
 DEFAULT_HEARTBEAT_S = 10.0  #: see `Settings.heartbeat_s`
@@ -216,11 +217,15 @@ class ReduceOutcome:
     recompute: tuple[tuple[str, int], ...] = ()
     """(side, index) of shards whose partials were lost: run them again, then reduce again."""
     wait: bool = False
-    """The reference is being featurized by another job: reduce again in a little while."""
+    """The reference is being featurized by another job, or precision/recall tiles run: reduce again shortly."""
+    tiles: tuple[str, ...] = ()
+    """Precision/recall tiles to run (`run_prc_tile`), leased to the caller: send them, then reduce again."""
 
 
-def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> ReduceOutcome:
-    """Merge each side in shard order, compute the metrics, record them."""
+def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+               lease_s: float = DEFAULT_LEASE_S) -> ReduceOutcome:
+    """Merge each side in shard order, compute the metrics, record them. Precision/recall first sends its tiles
+    (`ReduceOutcome.tiles`), each leased for `lease_s`, and the job is reduced again once they are done."""
     job = records.get_job(ctx.sessions, job_id)
     if job.state == JobState.SUCCEEDED:
         return ReduceOutcome(job.result)
@@ -233,15 +238,50 @@ def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTB
         raise JobError(f"the reduce started {MAX_ATTEMPTS} times without finishing (its worker died each time: "
                        "out of memory?)")
     with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.REDUCING, heartbeat_s):
-        outcome = _reduce(ctx, job)
+        outcome = _reduce(ctx, job, lease_s)
     if outcome.wait:
         records.await_reference(ctx.sessions, job_id)
     return outcome
 
 
-def _reduce(ctx: Context, job: JobSnapshot) -> ReduceOutcome:
-    """One extractor at a time, so that memory holds one extractor's features of both sides, never all."""
+def run_prc_tile(ctx: Context, job_id: str, name: str, *, lease_s: float = DEFAULT_LEASE_S,
+                 heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
+    """One precision/recall tile: its lease renewed while it runs, its result stored for the reducer. A tile
+    started MAX_ATTEMPTS times (its worker died each time) fails the job; a tile of a job that is no longer
+    reducing does nothing."""
+    job = records.get_job(ctx.sessions, job_id)
+    if job.state != JobState.REDUCING:
+        return
+    if ctx.partials.attempt(job_id, name) > MAX_ATTEMPTS:
+        raise JobError(f"precision/recall tile {name} started {MAX_ATTEMPTS} times without finishing (its worker "
+                       "died each time: out of memory? a smaller --prc-tile needs less)")
+    ctx.partials.lease(job_id, name, lease_s, renew=True)
+
+    def beat() -> JobState | None:
+        ctx.partials.lease(job_id, name, lease_s, renew=True)
+        return records.job_state(ctx.sessions, job_id)
+
+    with Lease(beat, JobState.REDUCING, heartbeat_s) as lease:
+        prc_tiles.run_tile(ctx.partials, job_id, job.config, job.n_samples, job.n_reference,
+                           prc_tiles.TileWork.parse(name))
+    if not lease.stopped():
+        ctx.partials.release(job_id, name)
+
+
+def _prc_progress(ctx: Context, job: JobSnapshot, lease_s: float) -> dict[str, prc_tiles.Progress]:
+    if job.is_reference_job:
+        return {}
+    return {e: prc_tiles.advance(ctx.partials, job.id, job.config, e, job.n_samples, job.n_reference, lease_s)
+            for e in job.config.featurizers if "prc" in job.config.metrics_on(e)}
+
+
+def _reduce(ctx: Context, job: JobSnapshot, lease_s: float) -> ReduceOutcome:
+    """One extractor at a time, so that memory holds one extractor's features of both sides, never all.
+    While precision/recall tiles run, a pass only looks at their progress (no merging)."""
     job_id, config, weights = job.id, job.config, job.extractor_weights
+    prc = _prc_progress(ctx, job, lease_s)
+    if prc and not any(p.rewrite for p in prc.values()) and any(p.values is None for p in prc.values()):
+        return ReduceOutcome(tiles=tuple(t for p in prc.values() for t in p.run), wait=True)
     lost: set[tuple[str, int]] = set()
     computed: dict[str, dict[str, float]] = {}
     for extractor in config.featurizers:
@@ -276,16 +316,28 @@ def _reduce(ctx: Context, job: JobSnapshot) -> ReduceOutcome:
                 sides[side] = load_stats_file(plan.uri, weights[extractor], config.resize)
         if lost:
             continue  # nothing of this extractor is computed: the job goes back to recompute those shards
+        if extractor in prc and prc[extractor].rewrite:  # the tiles' inputs: written now, computed next pass
+            for side in SIDES:
+                prc_tiles.write_features(ctx.partials, job_id, extractor, side, sides[side].features, config.prc_block)
+            del sides
+            continue
+        if any(p.values is None for p in prc.values()):
+            del sides
+            continue  # precision/recall of another extractor is not done: every metric is computed together
         if job.is_reference_job:
             _cache_reference(ctx, job, job.plan.side(SAMPLES), sides[SAMPLES], extractor)
         else:
             ref_plan = job.plan.side(REFERENCE)
             if ref_plan is not None and ref_plan.how is SideSource.SHARDS and config.cache:
                 _cache_reference(ctx, job, ref_plan, sides[REFERENCE], extractor)
-            computed[extractor] = compute_metrics(config, sides[SAMPLES], sides.get(REFERENCE), extractor)
+            done = prc[extractor].values if extractor in prc else None
+            computed[extractor] = compute_metrics(config, sides[SAMPLES], sides.get(REFERENCE), extractor, prc=done)
         del sides
     if lost:
         return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, sorted(lost), MAX_RECOMPUTES)))
+    if any(p.values is None for p in prc.values()):
+        prc = _prc_progress(ctx, job, lease_s)  # the inputs are written: hand out the first tiles
+        return ReduceOutcome(tiles=tuple(t for p in prc.values() for t in p.run), wait=True)
 
     if job.is_reference_job and job.plan.reference_name:
         _register_reference(ctx, job, job.plan.side(SAMPLES), job.plan.reference_name)

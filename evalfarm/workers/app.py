@@ -19,6 +19,7 @@ from evalfarm.settings import Settings, get_settings
 
 GPU_QUEUE, CPU_QUEUE = "gpu", "cpu"
 PLAN_TASK, SHARD_TASK, REDUCE_TASK = "evalfarm.plan_job", "evalfarm.featurize_shard", "evalfarm.reduce_job"
+PRC_TILE_TASK = "evalfarm.prc_tile"  #: on the gpu queue with the shards: the workers that are many
 DELIVER_TASK = "evalfarm.deliver_webhook"  #: on the cpu queue (the default): a slow receiver holds no GPU
 SHARD_TIME_LIMIT_S = 2 * 3600  #: hard limit of one shard; size shards to take minutes
 VISIBILITY_TIMEOUT_S = 3 * SHARD_TIME_LIMIT_S  #: must exceed the time limit (see module docstring)
@@ -46,7 +47,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         broker_connection_retry_on_startup=True,
         task_default_queue=CPU_QUEUE,
-        task_routes={SHARD_TASK: {"queue": GPU_QUEUE}},
+        task_routes={SHARD_TASK: {"queue": GPU_QUEUE}, PRC_TILE_TASK: {"queue": GPU_QUEUE}},
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_track_started=True,

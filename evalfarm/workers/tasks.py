@@ -16,7 +16,7 @@ from evalfarm.errors import EvalfarmError, JobCancelled
 from evalfarm.scheduler import ends, records, steps, webhooks
 from evalfarm.settings import get_settings
 from evalfarm.workers import runtime
-from evalfarm.workers.app import DELIVER_TASK, PLAN_TASK, REDUCE_TASK, SHARD_TASK, app
+from evalfarm.workers.app import DELIVER_TASK, PLAN_TASK, PRC_TILE_TASK, REDUCE_TASK, SHARD_TASK, app
 from evalfarm.workers.outages import is_outage
 
 log = logging.getLogger(__name__)
@@ -128,13 +128,29 @@ def featurize_shard(job_id: str, side: str, index: int) -> None:
 
 @farm_task(REDUCE_TASK, on_failure=_fail_job, what="reduce")
 def reduce_job_task(job_id: str) -> None:
-    """Merge and record; shards whose partials were lost are enqueued again, and they reduce again after."""
-    outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=get_settings().heartbeat_s)
+    """Merge and record; shards whose partials were lost are enqueued again, and they reduce again after.
+    Precision/recall's tiles are sent as tasks of their own, and the reduce looks again shortly."""
+    settings = get_settings()
+    outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=settings.heartbeat_s, lease_s=settings.lease_s)
     send_deliveries(job_id)  # succeeded, or failed for good after too many rounds of lost partials
     for side, index in outcome.recompute:
         featurize_shard.delay(job_id, side, index)
+    for name in outcome.tiles:
+        prc_tile_task.delay(job_id, name)
     if outcome.wait:
         reduce_job_task.apply_async((job_id,), countdown=REFERENCE_WAIT_S)
+
+
+def _fail_tile(job_id: str, name: str, *, message: str, final: bool) -> None:
+    if final:  # else the task is retried; should its worker die, the tile's lease runs out and the reduce resends it
+        ends.fail_job(runtime.context(), job_id, f"precision/recall tile {name}: {message}")
+
+
+@farm_task(PRC_TILE_TASK, on_failure=_fail_tile, what="precision/recall tile")
+def prc_tile_task(job_id: str, name: str) -> None:
+    """One tile of precision/recall's distance matrices (see `scheduler.prc_tiles`); the polling reduce collects it."""
+    settings = get_settings()
+    steps.run_prc_tile(runtime.context(), job_id, name, lease_s=settings.lease_s, heartbeat_s=settings.heartbeat_s)
 
 
 def send_deliveries(job_id: str) -> None:
