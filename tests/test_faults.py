@@ -215,6 +215,54 @@ def test_worker_killed_mid_shard_is_replaced_and_the_job_succeeds(farm: Farm, ex
     report("worker SIGKILLed mid-shard", [result], 1, expected, time.monotonic() - killed)
 
 
+PRC_FLAGS = ["--metrics", "is,fid,kid,prc", "--extractor", keys.INCEPTION, "--prc-block", "4", "--prc-tile", "4"]
+
+
+def test_worker_killed_mid_precision_recall_tile_is_replaced_and_the_job_succeeds(
+    farm: Farm, data: tuple[Path, Path], weights_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The worker is frozen as soon as a tile has started (its attempt counted) and has not stored its result,
+    then killed: the tile's lease runs out, it is handed out again, and precision/recall equals the embedded
+    run's. Tiles take milliseconds, so the freeze is retried on the next tile until it lands inside one."""
+    with in_home(tmp_path_factory.mktemp("fault-prc-embedded")):
+        expected = evalfarm.evaluate(str(data[0]), str(data[1]), weights=str(weights_path), shard_size=1000,
+                                     cache=False, metrics=("is", "fid", "kid", "prc"), extractors=(keys.INCEPTION,),
+                                     prc_block=4, prc_tile=4, **CONFIG)
+    worker = farm.worker()
+    job = farm.submit("--shard-size", "100", "--no-cache", *PRC_FLAGS)
+    r = redis.Redis.from_url(farm.broker.url)
+    attempts_key, blobs_key = f"evalfarm:partial:{job}:attempts", f"evalfarm:partial:{job}:blobs"
+
+    def caught_mid_tile() -> str | None:
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        started = {k.decode() for k in r.hkeys(attempts_key)}
+        unfinished = sorted(started - {k.decode() for k in r.hkeys(blobs_key)})
+        if unfinished:
+            return unfinished[0]
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        return None
+
+    deadline, tile = time.monotonic() + 180, None
+    while tile is None and time.monotonic() < deadline and farm.state(job) not in ("succeeded", "failed"):
+        if r.exists(attempts_key):
+            tile = caught_mid_tile()
+        else:
+            time.sleep(0.005)
+    assert tile is not None, f"no tile was caught running; job {farm.state(job)}:\n{farm.logs()}"
+    worker.kill()
+    killed = time.monotonic()
+    farm.worker()
+    restarts = 0  # the job's partials (the attempt counts with them) are dropped as it ends: watch until then
+    while farm.state(job) not in ("succeeded", "failed") and time.monotonic() - killed < JOB_BOUND_S:
+        restarts = max(restarts, int(r.hget(attempts_key, tile) or 0))
+        time.sleep(0.01)
+    result = farm.wait(job)
+    assert restarts == 2, f"tile {tile} was started {restarts} times"
+    for name in keys.KEYS_OF_METRIC["prc"]:
+        assert result[name] == expected[name], name
+    report("worker SIGKILLed mid precision/recall tile", [result], 1, expected, time.monotonic() - killed)
+
+
 def test_a_replaced_pool_child_runs_jobs_without_database_errors(farm: Farm, expected: dict) -> None:
     """The child forked after its parent connected (the reconciler's engine) must not share its sockets."""
     worker = farm.worker()
