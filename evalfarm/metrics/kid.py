@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from evalfarm.errors import MetricInputError
+from evalfarm.metrics.rows import Rows, rows_at
 
 
 def _kernel(a: np.ndarray, b: np.ndarray, gamma: float, coef0: float, degree: int) -> np.ndarray:
@@ -50,15 +51,16 @@ def check_kid_inputs(n1: int, n2: int, subset_size: int) -> None:
 
 
 def kernel_inception_distance(
-    features1: np.ndarray, features2: np.ndarray, *, subsets: int, subset_size: int, seed: int
+    features1: Rows, features2: Rows, *, subsets: int, subset_size: int, seed: int
 ) -> tuple[float, float]:
-    """(mean, std) of MMD² over subsets; std with ddof 0 as torch-fidelity reports it."""
+    """(mean, std) of MMD² over subsets; std with ddof 0 as torch-fidelity reports it. Only the rows a subset
+    draws are read, so the features may stay in their files (`metrics.rows`)."""
     n1, n2 = len(features1), len(features2)
     check_kid_inputs(n1, n2, subset_size)
     rng = np.random.RandomState(seed)
     mmds = np.empty(subsets)
     for i in range(subsets):
-        a = features1[rng.choice(n1, subset_size, replace=False)]
-        b = features2[rng.choice(n2, subset_size, replace=False)]
+        a = rows_at(features1, rng.choice(n1, subset_size, replace=False))
+        b = rows_at(features2, rng.choice(n2, subset_size, replace=False))
         mmds[i] = polynomial_mmd2(a, b)
     return float(np.mean(mmds)), float(np.std(mmds))

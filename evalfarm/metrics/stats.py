@@ -17,6 +17,7 @@ import numpy as np
 import scipy.linalg
 
 from evalfarm.errors import MetricInputError
+from evalfarm.metrics.rows import ConcatRows, RowReader, Rows, row_slice
 
 _SPLIT_FIELDS = ("split_n", "split_p", "split_plogp")
 _ARRAY_FIELDS = ("n", "sum", "gram", "features", *_SPLIT_FIELDS)
@@ -45,9 +46,9 @@ class FeatureStats:
         self.n = int(n)
         self.sum = np.asarray(sum, np.float64)
         self._gram: np.ndarray | None = np.asarray(gram, np.float64)
-        self._upper: np.ndarray | None = None  # Fortran-ordered; only its upper triangle is meaningful
+        self._upper: np.ndarray | None = None  # Fortran-ordered; the upper triangle, zeros below it
         self.keep_features = features is not None
-        self._chunks: list[np.ndarray] = [] if features is None else [np.asarray(features, np.float32)]
+        self._chunks: list[np.ndarray | RowReader] = [] if features is None else [np.asarray(features, np.float32)]
         self.split_n, self.split_p, self.split_plogp = split_n, split_p, split_plogp
         self.meta: dict[str, str] = dict(meta or {})
         """Provenance stored beside the arrays (a cached reference's content hash, weights, resize)."""
@@ -98,8 +99,8 @@ class FeatureStats:
         x = np.asarray(features, dtype=np.float64)
         if not len(x):
             return
-        if self._upper is None:
-            self._upper = np.array(self.gram, order="F")  # a copy: the full Gram may be shared
+        if self._upper is None:  # a copy (the full Gram may be shared), its strict lower triangle zero
+            self._upper = np.asfortranarray(np.triu(self.gram))
         self.n += len(x)
         self.sum += x.sum(axis=0)
         syrk = scipy.linalg.blas.get_blas_funcs("syrk", (self._upper,))
@@ -129,27 +130,41 @@ class FeatureStats:
     def gram(self) -> np.ndarray:
         """XᵀX, exactly symmetric and C-ordered."""
         self._check_mergeable()
-        if self._gram is None:
-            upper = np.triu(self._upper)
-            self._gram = np.ascontiguousarray(upper + np.triu(upper, 1).T)
+        if self._gram is None:  # the strict lower triangle of `_upper` is zero: one pass, exact
+            upper = self._upper
+            self._gram = np.add(upper, upper.T, order="C")
+            np.fill_diagonal(self._gram, np.diagonal(upper))
             self._upper = None
         return self._gram
 
     @property
     def features(self) -> np.ndarray | None:
-        """The float32 rows, in order, when they were kept (KID needs them); None otherwise."""
+        """The float32 rows, in order, in memory, when they were kept; None otherwise. `rows` reads fewer."""
         if not self.keep_features:
             return None
-        if len(self._chunks) != 1:
+        if len(self._chunks) != 1 or not isinstance(self._chunks[0], np.ndarray):
             dim = self.sum.shape[0]
-            self._chunks = [np.concatenate(self._chunks) if self._chunks else np.empty((0, dim), np.float32)]
+            whole = [row_slice(c, 0, len(c)) for c in self._chunks]
+            self._chunks = [np.concatenate(whole) if whole else np.empty((0, dim), np.float32)]
         return self._chunks[0]
 
-    def attach_features(self, rows: np.ndarray) -> None:
-        """Give statistics read without their rows the rows they were computed from (stored apart)."""
+    @property
+    def rows(self) -> Rows | None:
+        """The float32 rows, in order, where they are (memory, or the shards' files): KID reads the rows it draws
+        and precision/recall a block at a time, so a side's features are never assembled."""
+        if not self.keep_features:
+            return None
+        if len(self._chunks) == 1:
+            return self._chunks[0]
+        return ConcatRows(self._chunks, self.sum.shape[0])
+
+    def attach_features(self, rows: np.ndarray | RowReader) -> None:
+        """Give statistics read without their rows the rows they were computed from (stored apart, perhaps left
+        in their file: a `RowReader`)."""
         if len(rows) != self.n:
             raise ValueError(f"{len(rows)} feature rows for statistics of {self.n} samples")
-        self.keep_features, self._chunks = True, [np.asarray(rows, np.float32)]
+        chunk = rows if hasattr(rows, "rows_at") else np.asarray(rows, np.float32)
+        self.keep_features, self._chunks = True, [chunk]
 
     @property
     def has_splits(self) -> bool:

@@ -57,8 +57,8 @@ def compute_metrics(
                 "(a pytorch-fid .npz). Use a sample set or a reference created with `evalfarm ref create`."
             )
         out[keys.KEY_KID_MEAN], out[keys.KEY_KID_STD] = kernel_inception_distance(
-            samples.features,
-            reference.features,
+            samples.rows,
+            reference.rows,
             subsets=config.kid_subsets,
             subset_size=kid_subset_size(config, samples.n, reference.n),
             seed=config.seed,

@@ -24,6 +24,7 @@ import numpy as np
 
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
+from evalfarm.scheduler.row_files import NpyFileRows
 from evalfarm.scheduler.store import FeatureStore
 
 if TYPE_CHECKING:
@@ -175,20 +176,34 @@ class RedisPartials:
             extractor: str = INCEPTION) -> FeatureStats | None:
         record = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(job_id, side, shard)).items()}
         wanted = [self._what(extractor, "stats.npz"), *([self._what(extractor, "features.npy")] if features else [])]
-        blobs = {}
-        for what in wanted:
-            if what not in record:
+        if any(what not in record for what in wanted):
+            return None
+        try:
+            data = self.store.get_bytes(self._file(job_id, side, shard, wanted[0]))
+            if _digest(data) != record[wanted[0]]:
                 return None
-            try:
-                blobs[what] = self.store.get_bytes(self._file(job_id, side, shard, what))
-            except FileNotFoundError:
-                return None
-            if _digest(blobs[what]) != record[what]:
-                return None
-        stats = FeatureStats.from_bytes(blobs[wanted[0]])
-        if features:
-            stats.attach_features(np.load(io.BytesIO(blobs[wanted[1]]), allow_pickle=False))
+            stats = FeatureStats.from_bytes(data)
+            if features:
+                rows = self._rows(self._file(job_id, side, shard, wanted[1]), record[wanted[1]])
+                if rows is None:
+                    return None
+                stats.attach_features(rows)
+        except FileNotFoundError:
+            return None
         return stats
+
+    def _rows(self, key: str, digest: str) -> np.ndarray | NpyFileRows | None:
+        """A shard's feature rows, verified: a local file stays on disk, mapped (KID reads the rows it draws,
+        so a side of a million samples is never in memory); a remote one is read whole."""
+        path = self.store.local_path(key)
+        if path is None:
+            data = self.store.get_bytes(key)
+            return np.load(io.BytesIO(data), allow_pickle=False) if _digest(data) == digest else None
+        try:
+            rows = NpyFileRows(path)
+        except ValueError:
+            return None  # not the rows it claims to be: recomputed, as an altered file is
+        return rows if rows.file_sha256() == digest else None
 
     def job_ids(self) -> set[str]:
         in_redis = {k.decode().split(":")[2] for k in self.redis.scan_iter(match="evalfarm:partial:*", count=500)}

@@ -35,6 +35,7 @@ from evalfarm.metrics.prc import (
     radii_from_nearest,
     tiles,
 )
+from evalfarm.metrics.rows import Rows, row_slice
 from evalfarm.scheduler.partials import PartialStore
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES
 
@@ -96,12 +97,12 @@ def _blocks_of(n: int, block: int) -> int:
 # -- written by the reducer ------------------------------------------------------------------------------------------
 
 
-def write_features(partials: PartialStore, job_id: str, extractor: str, side: str, features: np.ndarray,
+def write_features(partials: PartialStore, job_id: str, extractor: str, side: str, features: Rows,
                    block: int) -> None:
-    """A side's features as blocks of `block` rows, the unit every tile reads."""
+    """A side's features as blocks of `block` rows, the unit every tile reads (one block in memory at a time)."""
     for b in range(_blocks_of(len(features), block)):
-        partials.put_blob(job_id, _block(extractor, side, b), _npy(np.asarray(features[b * block:(b + 1) * block],
-                                                                              np.float32)))
+        rows = np.asarray(row_slice(features, b * block, (b + 1) * block), np.float32)
+        partials.put_blob(job_id, _block(extractor, side, b), _npy(rows))
 
 
 def features_written(names: set[str], extractor: str, n_gen: int, n_real: int, block: int) -> bool:

@@ -318,7 +318,7 @@ def _reduce(ctx: Context, job: JobSnapshot, lease_s: float) -> ReduceOutcome:
             continue  # nothing of this extractor is computed: the job goes back to recompute those shards
         if extractor in prc and prc[extractor].rewrite:  # the tiles' inputs: written now, computed next pass
             for side in SIDES:
-                prc_tiles.write_features(ctx.partials, job_id, extractor, side, sides[side].features, config.prc_block)
+                prc_tiles.write_features(ctx.partials, job_id, extractor, side, sides[side].rows, config.prc_block)
             del sides
             continue
         if any(p.values is None for p in prc.values()):

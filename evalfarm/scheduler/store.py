@@ -36,6 +36,10 @@ class FeatureStore:
         """Where `key` lives, for messages: a path or a URL."""
         return self._path(key) if self.fs is None else f"{self.root}/{key}"
 
+    def local_path(self, key: str) -> str | None:
+        """The file of `key` when the store is a local directory (it can be mapped); None for a remote store."""
+        return self._path(key) if self.fs is None else None
+
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
         if self.fs is None:

@@ -1,0 +1,124 @@
+"""Feature rows left in the shards' files: KID reads only the rows it draws, and nothing changes a number.
+
+A side's rows are the blocks its shards stored (`metrics.rows.ConcatRows` over `NpyFileRows`); the farm's
+partial store hands them out verified and unread, and KID equals, bit for bit, KID on the rows in memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from evalfarm.metrics import FeatureStats, kernel_inception_distance
+from evalfarm.metrics.rows import ConcatRows
+from evalfarm.scheduler.partials import RedisPartials
+from evalfarm.scheduler.plan import SAMPLES
+from evalfarm.scheduler.row_files import NpyFileRows
+from evalfarm.scheduler.store import FeatureStore
+
+from .farm import REDIS_URL, require_services
+
+DIM = 16
+SIZES = (7, 1, 12, 5)  #: shard sizes, uneven on purpose
+
+
+def shard_rows(seed: int = 3) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, DIM)).astype(np.float32) for n in SIZES]
+
+
+def write_npy(path: Path, rows: np.ndarray) -> Path:
+    np.save(path, rows, allow_pickle=False)
+    return path
+
+
+@pytest.fixture
+def blocks(tmp_path: Path) -> tuple[list[np.ndarray], ConcatRows]:
+    """The shards' rows in memory, and the same rows as files (every other one) and arrays, concatenated."""
+    parts = shard_rows()
+    stored = [NpyFileRows(write_npy(tmp_path / f"{i}.npy", p)) if i % 2 == 0 else p for i, p in enumerate(parts)]
+    return parts, ConcatRows(stored, DIM)
+
+
+def test_rows_at_gives_the_rows_of_the_whole_array_in_the_order_asked(blocks) -> None:
+    parts, rows = blocks
+    whole = np.concatenate(parts)
+    index = np.random.default_rng(0).permutation(len(whole))[:17]
+    assert rows.rows_at(index).tobytes() == whole[index].tobytes()
+    assert rows.slice(5, 21).tobytes() == whole[5:21].tobytes()
+    assert len(rows) == len(whole) == sum(SIZES)
+
+
+def test_a_row_index_out_of_range_is_refused(blocks) -> None:
+    _, rows = blocks
+    with pytest.raises(IndexError):
+        rows.rows_at(np.array([sum(SIZES)]))
+
+
+def test_kid_on_rows_left_in_files_equals_kid_in_memory_bit_for_bit(blocks) -> None:
+    parts, rows = blocks
+    whole = np.concatenate(parts)
+    other = np.random.default_rng(9).standard_normal((20, DIM)).astype(np.float32) + 0.3
+    args = dict(subsets=7, subset_size=6, seed=2020)
+    assert kernel_inception_distance(rows, other, **args) == kernel_inception_distance(whole, other, **args)
+
+
+def test_merged_statistics_keep_the_shards_files_as_their_rows(blocks, tmp_path: Path) -> None:
+    parts, _ = blocks
+    stats = []
+    for i, p in enumerate(parts):
+        s = FeatureStats.of(p, keep_features=False)
+        s.attach_features(NpyFileRows(write_npy(tmp_path / f"shard-{i}.npy", p)))
+        stats.append(s)
+    merged = stats[0] + stats[1] + stats[2] + stats[3]
+    assert isinstance(merged.rows, ConcatRows)
+    assert all(isinstance(b, NpyFileRows) for b in merged.rows.blocks)  # nothing was read to merge
+    assert merged.features.tobytes() == np.concatenate(parts).tobytes()  # and all of them, when asked for
+
+
+def test_a_file_that_is_not_float32_rows_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="float32"):
+        NpyFileRows(write_npy(tmp_path / "ints.npy", np.zeros((3, 4), np.int64)))
+
+
+# -- the farm's partial store ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def partials(tmp_path: Path):
+    require_services()
+    client = redis.Redis.from_url(REDIS_URL)
+    store = RedisPartials(client, FeatureStore(str(tmp_path / "store")))
+    yield store, tmp_path / "store"
+    store.drop("rows-job")
+
+
+def put_shard(store: RedisPartials, rows: np.ndarray) -> None:
+    store.put("rows-job", SAMPLES, 0, {"inception-v3-compat": FeatureStats.of(rows)})
+
+
+def test_a_stored_shard_hands_out_its_rows_verified_and_unread(partials) -> None:
+    store, _ = partials
+    rows = shard_rows()[2]
+    put_shard(store, rows)
+    got = store.get("rows-job", SAMPLES, 0, features=True)
+    assert isinstance(got.rows, NpyFileRows)
+    assert got.features.tobytes() == rows.tobytes()
+
+
+@pytest.mark.parametrize("damage", ["altered", "truncated"])
+def test_a_damaged_rows_file_makes_the_shard_lost_not_read(partials, damage: str) -> None:
+    store, root = partials
+    put_shard(store, shard_rows()[2])
+    [path] = (root / "jobs" / "rows-job").rglob("*features.npy")
+    data = bytearray(path.read_bytes())
+    if damage == "altered":
+        data[-1] ^= 0x40
+    else:
+        del data[-4:]
+    path.write_bytes(bytes(data))
+    assert store.get("rows-job", SAMPLES, 0, features=True) is None
+    assert store.get("rows-job", SAMPLES, 0, features=False) is not None  # its statistics are intact
