@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --quick         # small sizes (minutes on 2 cores)
     .venv/bin/python bench/run.py --device cuda   # adds bf16/fp16 figures
     .venv/bin/python bench/run.py --sections reducer,memory
+    .venv/bin/python bench/run.py --sections scale  # the farm's own cost, 50k to 1M samples, on a stand-in network
 
 Prints one `name: value unit` line per figure, then a summary of the targets as PASS/MISS. Targets are
 printed, never asserted: this is a measurement, not a test. See bench/README.md.
@@ -12,6 +13,7 @@ printed, never asserted: this is a measurement, not a test. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -29,7 +31,7 @@ from common import (  # noqa: E402
     temp_dir,
 )
 
-SECTIONS = ("featurize", "reducer", "memory", "farm", "api")
+SECTIONS = ("featurize", "reducer", "memory", "farm", "api", "scale")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +58,12 @@ TARGETS = (
     ("FID eigen >= 10x faster than sqrtm", "reducer.fid.speedup_eigen_over_sqrtm", ">=", 10.0, "x"),
     ("worker RSS flat in N (max/min <= 1.10)", "memory.worker.rss_max_over_min", "<=", 1.10, "x"),
     ("reducer RSS flat in N (max/min <= 1.10)", "memory.reducer.evalfarm.rss_max_over_min", "<=", 1.10, "x"),
+    ("farm overhead per shard <= 50 ms (median, 1M, 4 workers)", "scale.1m.s5000.w4.overhead_ms_per_shard_median",
+     "<=", 50.0, "ms"),
+    (">= 20 shards/s with 4 workers (stand-in)", "scale.50k.s1000.w4.shards_per_s", ">=", 20.0, "shards/s"),
+    ("reducer 1M (IS+FID+KID) <= 60 s", "scale.1m.s5000.w4.reducer_s", "<=", 60.0, "s"),
+    ("reducer peak RSS 1M <= 1.5 GB", "scale.1m.s5000.w4.reducer_peak_rss_mib", "<=", 1430.0, "MiB"),
+    ("planning 1M samples <= 5 s", "scale.plan_s_1m", "<=", 5.0, "s"),
 )
 
 
@@ -95,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = synthetic_weights(seed=0)
     t0 = time.perf_counter()
     with temp_dir("evalfarm-bench-") as root:
-        workload = None
+        workload, scale_figures = None, {}
         if "featurize" in args.sections:
             import featurize
 
@@ -117,8 +125,14 @@ def main(argv: list[str] | None = None) -> int:
             import api
 
             api.run(report, root=root, weights=weights, quick=args.quick)
+        if "scale" in args.sections:
+            import scale
+
+            scale_figures = scale.run(report, root=root, quick=args.quick)
     summary(report)
     print(f"total benchmark wall time: {time.perf_counter() - t0:.1f} s")
+    if "scale" in args.sections:
+        print(json.dumps({"scale": scale_figures}))
     return 0
 
 
