@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,12 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import OUT_DIR, Report, section_header  # noqa: E402
-from farm import DATABASE_URL, REDIS_URL, services_missing  # noqa: E402
+from farm import DATABASE_URL, REDIS_URL, _stop, _wait_ready, services_missing  # noqa: E402
 
 IMAGE = 16  #: tiny images: 16x16 RGB, 768 bytes each
 REF_N = 50_000  #: the reference of every run (a dataset's statistics do not grow with the samples)
 BATCH = 500
-READY_S = 240
 STANDIN = Path(__file__).resolve().parent / "standin.py"
 KID = dict(kid_subsets=100, kid_subset_size=1000)
 
@@ -77,6 +75,8 @@ def env_for(root: Path, timings: Path | None = None) -> dict[str, str]:
 
 
 class StandInWorker:
+    """`bench/standin.py worker -c 1` in its own session (started and stopped as `farm.workers` does)."""
+
     def __init__(self, queues: str, env: dict[str, str], log: Path) -> None:
         self.log = log
         with open(log, "wb") as out:
@@ -84,14 +84,8 @@ class StandInWorker:
                                          env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self) -> StandInWorker:
-        deadline = time.monotonic() + READY_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log.read_text()[-3000:]}")
-            if " ready." in self.log.read_text(errors="replace"):
-                return self
-            time.sleep(0.3)
-        raise TimeoutError(f"worker not ready:\n{self.log.read_text()[-3000:]}")
+        _wait_ready(self.log, self.proc)
+        return self
 
     def child_status(self, field: str) -> float | None:
         """A field of /proc/<pool child>/status in MiB (VmHWM: the child's peak RSS)."""
@@ -104,15 +98,6 @@ class StandInWorker:
         except (FileNotFoundError, ValueError):
             return None
         return None
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
 
 
 class RedisPeak:
@@ -190,7 +175,7 @@ def shard_overheads(timings: Path, job_id: str) -> list[dict[str, float]]:
     return rows
 
 
-def farm_run(report: Report, root: Path, samples: Path, ref: Path, n: int, k: int, shard: int, label: str,
+def farm_run(report: Report, root: Path, samples: Path, ref: Path, k: int, shard: int, label: str,
              engine: Any) -> dict[str, Any]:
     import redis as redis_lib
     from sqlalchemy import select
@@ -222,8 +207,7 @@ def farm_run(report: Report, root: Path, samples: Path, ref: Path, n: int, k: in
         redis_mib = peak.stop()
         reducer_rss = procs[0].child_status("VmHWM")
     finally:
-        for p in procs:
-            p.stop()
+        _stop([p.proc for p in procs])
     rows1, xacts1 = pg_counters(engine)
     result = farm.wait(job_id, timeout=60)
     with farm.ctx.sessions() as s:
@@ -352,11 +336,11 @@ def run(report: Report, *, root: Path, quick: bool = False, ns: list[int] | None
     for shard in shard_sizes:
         for k in workers:
             label = f"{label_of(small)}.s{shard}.w{k}"
-            runs[label] = farm_run(report, root, sets[small], ref, small, k, shard, label, engine)
+            runs[label] = farm_run(report, root, sets[small], ref, k, shard, label, engine)
     kmax, smax = workers[-1], shard_sizes[-1]
     for n in ns[1:]:
         label = f"{label_of(n)}.s{smax}.w{kmax}"
-        runs[label] = farm_run(report, root, sets[n], ref, n, kmax, smax, label, engine)
+        runs[label] = farm_run(report, root, sets[n], ref, kmax, smax, label, engine)
     big_embedded = embedded(report, root, sets[big], ref, smax, label_of(big)) if big != small else expected
     for label, res in runs.items():
         want = expected if label.startswith(label_of(small) + ".") else big_embedded

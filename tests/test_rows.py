@@ -109,7 +109,7 @@ def test_a_stored_shard_hands_out_its_rows_verified_and_unread(partials) -> None
     assert got.features.tobytes() == rows.tobytes()
 
 
-@pytest.mark.parametrize("damage", ["altered", "truncated"])
+@pytest.mark.parametrize("damage", ["altered", "truncated", "header"])
 def test_a_damaged_rows_file_makes_the_shard_lost_not_read(partials, damage: str) -> None:
     store, root = partials
     put_shard(store, shard_rows()[2])
@@ -117,8 +117,10 @@ def test_a_damaged_rows_file_makes_the_shard_lost_not_read(partials, damage: str
     data = bytearray(path.read_bytes())
     if damage == "altered":
         data[-1] ^= 0x40
-    else:
+    elif damage == "truncated":
         del data[-4:]
+    else:  # not a .npy any more
+        data[:6] = b"\x00" * 6
     path.write_bytes(bytes(data))
     assert store.get("rows-job", SAMPLES, 0, features=True) is None
     assert store.get("rows-job", SAMPLES, 0, features=False) is not None  # its statistics are intact

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from evalfarm.sources.arrays import read_npy_header
+
 _HASH_CHUNK = 16 << 20  #: bytes hashed per step; their pages are dropped after each step
 
 
@@ -22,17 +24,14 @@ class NpyFileRows:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         with open(self.path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read_header(f)
+            shape, fortran, dtype = read_npy_header(f)
             offset = f.tell()
             size = os.fstat(f.fileno()).st_size
             if len(shape) != 2 or fortran or dtype != np.dtype("<f4"):
                 raise ValueError(f"{self.path}: expected 2-D C-ordered float32 rows, got {dtype} {shape}")
             if offset + shape[0] * shape[1] * 4 != size:
                 raise ValueError(f"{self.path}: {size} bytes for {shape} float32 rows")
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # never empty: it holds the header
         self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
         self._offset = offset
 
@@ -40,13 +39,10 @@ class NpyFileRows:
         return self.shape[0]
 
     def _array(self) -> np.ndarray:
-        if self._map is None:
-            return np.empty(self.shape, np.float32)
         return np.frombuffer(self._map, np.float32, self.shape[0] * self.shape[1], self._offset).reshape(self.shape)
 
     def _release(self) -> None:
-        if self._map is not None and hasattr(self._map, "madvise"):
-            self._map.madvise(mmap.MADV_DONTNEED)
+        self._map.madvise(mmap.MADV_DONTNEED)
 
     def rows_at(self, index: np.ndarray) -> np.ndarray:
         out = self._array()[index]  # a copy: fancy indexing
@@ -61,12 +57,11 @@ class NpyFileRows:
     def file_sha256(self) -> str:
         """SHA-256 of the file's bytes as mapped: what is verified is what is read later."""
         h = hashlib.sha256()
-        if self._map is not None:
-            view = memoryview(self._map)
-            try:
-                for at in range(0, len(view), _HASH_CHUNK):
-                    h.update(view[at : at + _HASH_CHUNK])
-                    self._release()
-            finally:
-                view.release()
+        view = memoryview(self._map)
+        try:
+            for at in range(0, len(view), _HASH_CHUNK):
+                h.update(view[at : at + _HASH_CHUNK])
+                self._release()
+        finally:
+            view.release()
         return h.hexdigest()

@@ -47,7 +47,8 @@ def _read_exact(fp: IO[bytes], n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+def read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran_order, dtype) of a `.npy` stream at its start; ValueError, naming no content, otherwise."""
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
@@ -131,7 +132,7 @@ class ArraySource(Source):
     def _inspect(self, fp: IO[bytes]) -> np.dtype:
         """Read only headers: the array's dtype, shape, order and data offset."""
         if self._kind == "npy":
-            self.shape, self._fortran, dtype = _read_npy_header(fp)
+            self.shape, self._fortran, dtype = read_npy_header(fp)
             self._offset = fp.tell()
             size = os.path.getsize(self._path) if not self._remote else getattr(fp, "size", None)
             self._check_size(size, self._offset, dtype)
@@ -146,13 +147,13 @@ class ArraySource(Source):
                     raise ValueError(f"bad zip local header for member {info.filename!r}")
                 self._member_start = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
                 fp.seek(self._member_start)
-                self.shape, self._fortran, dtype = _read_npy_header(fp)
+                self.shape, self._fortran, dtype = read_npy_header(fp)
                 self._offset = fp.tell()
                 self._check_size(info.file_size, self._offset - self._member_start, dtype)
             else:
                 self._compressed = True
                 with zf.open(info) as member:
-                    self.shape, self._fortran, dtype = _read_npy_header(member)
+                    self.shape, self._fortran, dtype = read_npy_header(member)
                     self._offset = member.tell()
                 self._check_size(info.file_size, self._offset, dtype)
         return dtype
