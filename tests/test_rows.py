@@ -79,6 +79,25 @@ def test_merged_statistics_keep_the_shards_files_as_their_rows(blocks, tmp_path:
     assert merged.features.tobytes() == np.concatenate(parts).tobytes()  # and all of them, when asked for
 
 
+def test_computing_kid_leaves_both_sides_rows_in_their_files(tmp_path: Path) -> None:
+    """The reducer's metrics read the rows KID draws; neither side is assembled in memory on the way."""
+    from evalfarm.config import EvalConfig
+    from evalfarm.pipeline.reduce import compute_metrics
+
+    def side(name: str, seed: int) -> FeatureStats:
+        parts = []
+        for i, rows in enumerate(shard_rows(seed)):
+            s = FeatureStats.of(rows, keep_features=False)
+            s.attach_features(NpyFileRows(write_npy(tmp_path / f"{name}-{i}.npy", rows)))
+            parts.append(s)
+        return parts[0] + parts[1] + parts[2] + parts[3]
+
+    samples, reference = side("samples", 3), side("reference", 4)
+    config = EvalConfig(metrics=("kid",), kid_subsets=3, kid_subset_size=5)
+    compute_metrics(config, samples, reference)
+    assert isinstance(samples.rows, ConcatRows) and isinstance(reference.rows, ConcatRows)
+
+
 def test_a_file_that_is_not_float32_rows_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="float32"):
         NpyFileRows(write_npy(tmp_path / "ints.npy", np.zeros((3, 4), np.int64)))

@@ -51,7 +51,7 @@ def compute_metrics(
     if "fid" in metrics:
         out[keys.KEY_FID] = frechet_distance(samples.mean(), samples.cov(), reference.mean(), reference.cov())
     if "kid" in metrics:
-        if reference.features is None:
+        if reference.rows is None:
             raise MetricInputError(
                 "KID needs the reference's features, but this reference holds only mu/sigma statistics "
                 "(a pytorch-fid .npz). Use a sample set or a reference created with `evalfarm ref create`."
@@ -64,7 +64,7 @@ def compute_metrics(
             seed=config.seed,
         )
     if "prc" in metrics:
-        if reference.features is None:
+        if reference.rows is None:
             raise MetricInputError(
                 "precision/recall needs the reference's features, but this reference holds only mu/sigma statistics."
             )
