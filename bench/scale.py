@@ -160,7 +160,7 @@ def shard_overheads(timings: Path, job_id: str) -> list[dict[str, float]]:
     """Per shard: its steps' seconds, and `overhead` = its wall time but featurizing, plus the gap before the
     same worker's next shard (the queue's cost: ack, fetch, the task's own job read)."""
     rows = [json.loads(line) for f in sorted(timings.glob("*.jsonl")) for line in f.read_text().splitlines()]
-    rows = [r for r in rows if r["job"] == job_id]
+    rows = [r for r in rows if r["job"] == job_id and "tile" not in r]
     by_pid: dict[int, list[dict]] = {}
     for r in rows:
         by_pid.setdefault(r["pid"], []).append(r)

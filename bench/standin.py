@@ -8,7 +8,8 @@ networks (`install`) before they start a worker or run a job; the product has no
     python bench/standin.py worker -c 1 --queues gpu     # an `evalfarm worker` whose networks are stand-ins
 
 With EVALFARM_BENCH_TIMINGS=DIR, a stand-in worker also writes one JSON line per shard to DIR/<pid>.jsonl: the
-wall time of each step of `run_shard` (claim, open, featurize, partial write, digest, finish, ...).
+wall time of each step of `run_shard` (claim, open, featurize, partial write, digest, finish, ...), and one
+line per precision/recall tile (its start and end).
 """
 
 from __future__ import annotations
@@ -146,6 +147,19 @@ def install_timings(folder: Path) -> None:
                 f.write(json.dumps(record) + "\n")
 
     steps.run_shard = timed_run_shard
+    run_prc_tile = steps.run_prc_tile
+
+    @functools.wraps(run_prc_tile)
+    def timed_run_prc_tile(ctx: Any, job_id: str, name: str, *args: Any, **kwargs: Any) -> None:
+        start = time.time()
+        try:
+            return run_prc_tile(ctx, job_id, name, *args, **kwargs)
+        finally:
+            record = {"job": job_id, "tile": name, "pid": os.getpid(), "start": start, "end": time.time()}
+            with open(clock.out, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    steps.run_prc_tile = timed_run_prc_tile
 
 
 def main() -> None:
