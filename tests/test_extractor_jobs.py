@@ -436,12 +436,18 @@ def test_a_tile_whose_worker_died_is_handed_out_again_when_its_lease_ends(prc_se
     net = FeatureExtractor(Weights(weights_path, file_sha256(weights_path)), "cpu")
     for side, index in plan_job(ctx, job_id, {keys.INCEPTION: net.weights.sha256}).shards:
         run_shard(ctx, job_id, side, index, net, num_workers=0)
-    first = reduce_job(ctx, job_id, lease_s=0.2)
+    first = reduce_job(ctx, job_id, pending_s=0.2)
     assert len(first.tiles) == 2 * 9 and first.result is None  # 3 × 3 tiles of each side's distances
-    assert reduce_job(ctx, job_id, lease_s=0.2).tiles == ()  # all leased: nothing is sent twice
-    time.sleep(0.3)  # the worker that took them died: their leases run out
-    again = reduce_job(ctx, job_id, lease_s=0.2)
+    assert reduce_job(ctx, job_id, pending_s=0.2).tiles == ()  # all sent: nothing is sent twice
+    time.sleep(0.3)  # the worker that took them died before starting them: their messages are presumed lost
+    again = reduce_job(ctx, job_id, pending_s=0.2)
     assert set(again.tiles) == set(first.tiles)
+    run_prc_tile(ctx, job_id, again.tiles[0], lease_s=0.2)  # started; its worker dies after storing nothing:
+    ctx.partials._blobs.pop((job_id, again.tiles[0]))  # noqa: SLF001 - as if it had died mid-tile
+    ctx.partials.lease(job_id, again.tiles[0], 0.2)  # its lease, still live, is left to it (it was no longer
+    assert reduce_job(ctx, job_id, pending_s=0.2).tiles == ()  # marked sent once it started)
+    time.sleep(0.3)  # its lease runs out (and the others' messages are presumed lost again): all are sent again
+    assert set(reduce_job(ctx, job_id, pending_s=0.2).tiles) == set(first.tiles)
     for name in again.tiles:
         run_prc_tile(ctx, job_id, name)
     cover = reduce_job(ctx, job_id)
@@ -456,6 +462,36 @@ def test_a_tile_whose_worker_died_is_handed_out_again_when_its_lease_ends(prc_se
     expected = evalfarm.evaluate(str(prc_sets[0]), str(prc_sets[1]), weights=str(weights_path), device="cpu",
                                  config=config)
     assert {k: done[k] for k in expected["metric_keys"]} == {k: expected[k] for k in expected["metric_keys"]}
+
+
+def test_a_tile_waiting_in_the_queue_longer_than_a_lease_is_not_sent_again_and_duplicates_do_nothing(
+    prc_sets, weights_path
+) -> None:
+    """Many tiles queue behind few workers: a tile sent is not sent again while its message may still be waiting
+    (`pending_s`), however long a running tile's lease is; a second delivery of a tile that runs or is done
+    neither runs it nor counts a start, so duplicates never add up to the attempt limit."""
+    import time
+
+    from evalfarm.config import EvalConfig
+    from evalfarm.models import FeatureExtractor, Weights
+    from evalfarm.models.weights import file_sha256
+    from evalfarm.scheduler.steps import run_prc_tile
+
+    config = EvalConfig(metrics=("prc",), extractors=(keys.INCEPTION,), prc_block=7, prc_tile=7, shard_size=100)
+    ctx, job_id, plan_job, reduce_job, run_shard = tiles_job(prc_sets, config)
+    net = FeatureExtractor(Weights(weights_path, file_sha256(weights_path)), "cpu")
+    for side, index in plan_job(ctx, job_id, {keys.INCEPTION: net.weights.sha256}).shards:
+        run_shard(ctx, job_id, side, index, net, num_workers=0)
+    first = reduce_job(ctx, job_id, pending_s=60)
+    time.sleep(0.3)  # longer than the lease below: still waiting in the queue, not lost
+    assert reduce_job(ctx, job_id, pending_s=60).tiles == ()
+    done, running = first.tiles[0], first.tiles[1]
+    run_prc_tile(ctx, job_id, done, lease_s=0.2)
+    ctx.partials.lease(job_id, running, 60)  # another worker runs it
+    for _ in range(6):  # more deliveries than the attempt limit
+        run_prc_tile(ctx, job_id, done, lease_s=0.2)
+        run_prc_tile(ctx, job_id, running, lease_s=0.2)
+    assert ctx.partials._attempts == {(job_id, done): 1}  # noqa: SLF001 - one start counted, for the one run
 
 
 def test_a_tile_started_too_often_fails_the_job(prc_sets, weights_path) -> None:

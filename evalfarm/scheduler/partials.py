@@ -66,6 +66,9 @@ class PartialStore(Protocol):
     def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
         """Take the lease of work `name` for `ttl_s` (True), unless someone holds it; `renew` extends one held."""
 
+    def held(self, job_id: str, name: str) -> bool:
+        """Whether someone holds the lease of work `name` now."""
+
     def release(self, job_id: str, name: str) -> None:
         """End the lease of work `name` (it is done)."""
 
@@ -120,6 +123,9 @@ class MemoryPartials:
             return False
         self._leases[(job_id, name)] = now + ttl_s
         return True
+
+    def held(self, job_id: str, name: str) -> bool:
+        return self._leases.get((job_id, name), 0.0) > time.monotonic()
 
     def release(self, job_id: str, name: str) -> None:
         self._leases.pop((job_id, name), None)
@@ -254,6 +260,9 @@ class RedisPartials:
     def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
         key = f"evalfarm:partial:{job_id}:lease:{name}"
         return bool(self.redis.set(key, "1", px=max(1, math.ceil(ttl_s * 1000)), nx=not renew))
+
+    def held(self, job_id: str, name: str) -> bool:
+        return bool(self.redis.exists(f"evalfarm:partial:{job_id}:lease:{name}"))
 
     def release(self, job_id: str, name: str) -> None:
         self.redis.delete(f"evalfarm:partial:{job_id}:lease:{name}")

@@ -12,9 +12,12 @@ is its bookkeeping on the farm, the same in embedded mode, where the tiles run i
    a ball of the other set.
 5. The reducer ORs the coverage into precision, recall and F-score.
 
-Between stages the reducer hands out the missing tiles (`advance`), each under a lease: a tile whose worker
-died is handed out again once its lease expires, a tile whose result was lost (Redis flushed, a file
-altered) is computed again, and inputs that were lost are written again from the shards' partials. A task's
+Between stages the reducer hands out the missing tiles (`advance`). A tile sent is marked so for `pending_s`,
+the time its message may wait in the queue behind the others before it is presumed lost; a worker that starts
+it takes its lease for `lease_s` and renews it while it runs (`start_tile`). A tile whose worker died is handed
+out again once its lease expires, a duplicate delivery of a tile that runs or is done does nothing, a tile
+whose result was lost (Redis flushed, a file altered) is computed again, and inputs that were lost are written
+again from the shards' partials. A task's
 memory holds one tile's rows and columns; the reducer's, the radii and coverage (a few bytes per sample).
 """
 
@@ -164,7 +167,7 @@ class Progress:
 
 
 def advance(partials: PartialStore, job_id: str, config: EvalConfig, extractor: str, n_gen: int, n_real: int,
-            lease_s: float) -> Progress:
+            pending_s: float) -> Progress:
     names = partials.blob_names(job_id)
     if not features_written(names, extractor, n_gen, n_real, config.prc_block):
         return Progress(rewrite=True)
@@ -176,18 +179,18 @@ def advance(partials: PartialStore, job_id: str, config: EvalConfig, extractor: 
     todo = [w for side in (SAMPLES, REFERENCE) if side not in radii
             for w in _missing(names, config, extractor, NEAREST[side], n_gen, n_real)]
     if todo:
-        return Progress(run=_lease(partials, job_id, todo, lease_s))
+        return Progress(run=_send(partials, job_id, todo, pending_s))
     for side in (SAMPLES, REFERENCE):
         if side in radii:
             continue
         merged = _merge_nearest(partials, job_id, config, extractor, NEAREST[side], n_gen, n_real)
         if isinstance(merged, list):  # a result lost since it was listed: compute it again
-            return Progress(run=_lease(partials, job_id, merged, lease_s))
+            return Progress(run=_send(partials, job_id, merged, pending_s))
         partials.put_blob(job_id, _radii(extractor, side), _npy(radii_from_nearest(merged)))
         names.add(_radii(extractor, side))
     todo = _missing(names, config, extractor, COVER, n_gen, n_real)
     if todo:
-        return Progress(run=_lease(partials, job_id, todo, lease_s))
+        return Progress(run=_send(partials, job_id, todo, pending_s))
     real_covered, gen_covered = np.zeros(n_real, bool), np.zeros(n_gen, bool)
     lost = []
     for i, t in enumerate(stage_tiles(config, COVER, n_gen, n_real)):
@@ -199,7 +202,7 @@ def advance(partials: PartialStore, job_id: str, config: EvalConfig, extractor: 
         real_covered[t.rows] |= both[: t.row_stop - t.row_start]
         gen_covered[t.cols] |= both[t.row_stop - t.row_start:]
     if lost:
-        return Progress(run=_lease(partials, job_id, lost, lease_s))
+        return Progress(run=_send(partials, job_id, lost, pending_s))
     return Progress(values=prc_from_coverage(real_covered, gen_covered))
 
 
@@ -224,6 +227,20 @@ def _merge_nearest(partials: PartialStore, job_id: str, config: EvalConfig, extr
     return lost or nearest
 
 
-def _lease(partials: PartialStore, job_id: str, works: list[TileWork], lease_s: float) -> tuple[str, ...]:
-    """The tiles nobody holds now, leased to the caller to send; tiles under a live lease are left to it."""
-    return tuple(w.name for w in works if partials.lease(job_id, w.name, lease_s))
+def _sent(name: str) -> str:
+    return f"sent/{name}"
+
+
+def _send(partials: PartialStore, job_id: str, works: list[TileWork], pending_s: float) -> tuple[str, ...]:
+    """The tiles nobody runs and nobody sent in the last `pending_s`, marked sent: the caller sends them."""
+    return tuple(w.name for w in works
+                 if not partials.held(job_id, w.name) and partials.lease(job_id, _sent(w.name), pending_s))
+
+
+def start_tile(partials: PartialStore, job_id: str, name: str, lease_s: float) -> bool:
+    """Take a delivered tile's lease: False when its result is stored already or another worker runs it (a
+    duplicate delivery, which does nothing). Its message arrived, so it is no longer waiting to be sent."""
+    if partials.get_blob(job_id, name) is not None or not partials.lease(job_id, name, lease_s):
+        return False
+    partials.release(job_id, _sent(name))
+    return True

@@ -53,6 +53,7 @@ WeightsOf = Callable[[str], str]
 """The SHA-256 of this machine's weights for an extractor (loading, or downloading, them on first use)."""
 
 DEFAULT_LEASE_S = 45.0  #: see `Settings.lease_s`
+DEFAULT_PENDING_S = 600.0  #: see `Settings.pending_s`
 MAX_ATTEMPTS = 4  #: a shard started this often (worker deaths included) fails the job: a poison shard
 MAX_RECOMPUTES = 3  #: lost partials are recomputed at most this often before the job fails
 DEFAULT_HEARTBEAT_S = 10.0  #: see `Settings.heartbeat_s`
@@ -223,9 +224,10 @@ class ReduceOutcome:
 
 
 def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S,
-               lease_s: float = DEFAULT_LEASE_S) -> ReduceOutcome:
+               pending_s: float = DEFAULT_PENDING_S) -> ReduceOutcome:
     """Merge each side in shard order, compute the metrics, record them. Precision/recall first sends its tiles
-    (`ReduceOutcome.tiles`), each leased for `lease_s`, and the job is reduced again once they are done."""
+    (`ReduceOutcome.tiles`), a tile not sent again for `pending_s` unless its worker died, and the job is
+    reduced again once they are done."""
     job = records.get_job(ctx.sessions, job_id)
     if job.state == JobState.SUCCEEDED:
         return ReduceOutcome(job.result)
@@ -238,7 +240,7 @@ def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTB
         raise JobError(f"the reduce started {MAX_ATTEMPTS} times without finishing (its worker died each time: "
                        "out of memory?)")
     with Lease(functools.partial(records.beat_job, ctx.sessions, job_id), JobState.REDUCING, heartbeat_s):
-        outcome = _reduce(ctx, job, lease_s)
+        outcome = _reduce(ctx, job, pending_s)
     if outcome.wait:
         records.await_reference(ctx.sessions, job_id)
     return outcome
@@ -247,15 +249,16 @@ def reduce_job(ctx: Context, job_id: str, *, heartbeat_s: float = DEFAULT_HEARTB
 def run_prc_tile(ctx: Context, job_id: str, name: str, *, lease_s: float = DEFAULT_LEASE_S,
                  heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> None:
     """One precision/recall tile: its lease renewed while it runs, its result stored for the reducer. A tile
-    started MAX_ATTEMPTS times (its worker died each time) fails the job; a tile of a job that is no longer
-    reducing does nothing."""
+    started MAX_ATTEMPTS times (its worker died each time) fails the job; a duplicate delivery of a tile that
+    runs elsewhere or is done, or a tile of a job that is no longer reducing, does nothing and counts no start."""
     job = records.get_job(ctx.sessions, job_id)
     if job.state != JobState.REDUCING:
+        return
+    if not prc_tiles.start_tile(ctx.partials, job_id, name, lease_s):
         return
     if ctx.partials.attempt(job_id, name) > MAX_ATTEMPTS:
         raise JobError(f"precision/recall tile {name} started {MAX_ATTEMPTS} times without finishing (its worker "
                        "died each time: out of memory? a smaller --prc-tile needs less)")
-    ctx.partials.lease(job_id, name, lease_s, renew=True)
 
     def beat() -> JobState | None:
         ctx.partials.lease(job_id, name, lease_s, renew=True)
@@ -268,18 +271,18 @@ def run_prc_tile(ctx: Context, job_id: str, name: str, *, lease_s: float = DEFAU
         ctx.partials.release(job_id, name)
 
 
-def _prc_progress(ctx: Context, job: JobSnapshot, lease_s: float) -> dict[str, prc_tiles.Progress]:
+def _prc_progress(ctx: Context, job: JobSnapshot, pending_s: float) -> dict[str, prc_tiles.Progress]:
     if job.is_reference_job:
         return {}
-    return {e: prc_tiles.advance(ctx.partials, job.id, job.config, e, job.n_samples, job.n_reference, lease_s)
+    return {e: prc_tiles.advance(ctx.partials, job.id, job.config, e, job.n_samples, job.n_reference, pending_s)
             for e in job.config.featurizers if "prc" in job.config.metrics_on(e)}
 
 
-def _reduce(ctx: Context, job: JobSnapshot, lease_s: float) -> ReduceOutcome:
+def _reduce(ctx: Context, job: JobSnapshot, pending_s: float) -> ReduceOutcome:
     """One extractor at a time, so that memory holds one extractor's features of both sides, never all.
     While precision/recall tiles run, a pass only looks at their progress (no merging)."""
     job_id, config, weights = job.id, job.config, job.extractor_weights
-    prc = _prc_progress(ctx, job, lease_s)
+    prc = _prc_progress(ctx, job, pending_s)
     if prc and not any(p.rewrite for p in prc.values()) and any(p.values is None for p in prc.values()):
         return ReduceOutcome(tiles=tuple(t for p in prc.values() for t in p.run), wait=True)
     lost: set[tuple[str, int]] = set()
@@ -336,7 +339,7 @@ def _reduce(ctx: Context, job: JobSnapshot, lease_s: float) -> ReduceOutcome:
     if lost:
         return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, sorted(lost), MAX_RECOMPUTES)))
     if any(p.values is None for p in prc.values()):
-        prc = _prc_progress(ctx, job, lease_s)  # the inputs are written: hand out the first tiles
+        prc = _prc_progress(ctx, job, pending_s)  # the inputs are written: hand out the first tiles
         return ReduceOutcome(tiles=tuple(t for p in prc.values() for t in p.run), wait=True)
 
     if job.is_reference_job and job.plan.reference_name:

@@ -131,7 +131,8 @@ def reduce_job_task(job_id: str) -> None:
     """Merge and record; shards whose partials were lost are enqueued again, and they reduce again after.
     Precision/recall's tiles are sent as tasks of their own, and the reduce looks again shortly."""
     settings = get_settings()
-    outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=settings.heartbeat_s, lease_s=settings.lease_s)
+    outcome = steps.reduce_job(runtime.context(), job_id, heartbeat_s=settings.heartbeat_s,
+                               pending_s=settings.pending_s)
     send_deliveries(job_id)  # succeeded, or failed for good after too many rounds of lost partials
     for side, index in outcome.recompute:
         featurize_shard.delay(job_id, side, index)
