@@ -8,8 +8,8 @@ networks (`install`) before they start a worker or run a job; the product has no
     python bench/standin.py worker -c 1 --queues gpu     # an `evalfarm worker` whose networks are stand-ins
 
 With EVALFARM_BENCH_TIMINGS=DIR, a stand-in worker also writes one JSON line per shard to DIR/<pid>.jsonl: the
-wall time of each step of `run_shard` (claim, open, featurize, partial write, digest, finish, ...), and one
-line per precision/recall tile (its start and end).
+wall time of each step of `run_shard` (claim, open, featurize, partial write, hashed as written, finish, ...),
+and one line per precision/recall tile (its start and end).
 """
 
 from __future__ import annotations
@@ -128,7 +128,6 @@ def install_timings(folder: Path) -> None:
         setattr(records, name, _timed(clock, phase, getattr(records, name)))
     steps._open_cached = _timed(clock, "open", steps._open_cached)  # noqa: SLF001
     steps.featurize_extractors = _timed(clock, "featurize", steps.featurize_extractors)
-    partials._digest = _timed(clock, "digest", partials._digest)  # noqa: SLF001
     put = partials.RedisPartials.put
     partials.RedisPartials.put = _timed(clock, "partial_write", put)
     run_shard = steps.run_shard

@@ -122,6 +122,12 @@ def test_shard_size_runs_featurize_both_sides_without_cache(results_by_shard_siz
         assert results_by_shard_size[size]["images_featurized"] == N_SAMPLES + N_REFERENCE, size
 
 
+def test_embedded_runs_spill_their_partials_to_the_home_and_remove_them(results_by_shard_size, shared_home) -> None:
+    spill = shared_home / "spill"
+    assert spill.is_dir()  # where the shards' partial files went (not this process's memory)
+    assert list(spill.iterdir()) == []  # and each run removed its own directory
+
+
 # -- the same images as a folder and as an .npz ------------------------------------------------------------------
 
 

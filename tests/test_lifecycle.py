@@ -37,7 +37,7 @@ from evalfarm.scheduler import deadlines, records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.ends import cancel_job, fail_job, sweep
 from evalfarm.scheduler.job import EMBEDDED
-from evalfarm.scheduler.partials import MemoryPartials, PartialStore
+from evalfarm.scheduler.partials import LocalPartials, PartialStore
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES
 from evalfarm.scheduler.queries import farm_totals
 from evalfarm.scheduler.records import ShardClaim
@@ -132,7 +132,7 @@ def extractor(weights_path: Path) -> FeatureExtractor:
 def make_context(root: Path, partials: PartialStore | None = None) -> Context:
     """SQLite and a feature store under `root`; partials in memory unless given."""
     return Context(session_factory(f"sqlite:///{root}/jobs.sqlite"), FeatureStore(str(root / "store")),
-                   partials if partials is not None else MemoryPartials())
+                   partials if partials is not None else LocalPartials())
 
 
 @pytest.fixture
@@ -407,7 +407,7 @@ def test_a_cancel_while_a_shard_runs_stops_it_and_leaves_no_partial(
     assert ctx.partials.job_ids() == set()
 
 
-class CancelDuringMerge(MemoryPartials):
+class CancelDuringMerge(LocalPartials):
     """The in-memory store, and a user who cancels the job while the reducer reads its first partial (on the
     farm a reduce of many shards takes minutes, so a cancel then is an ordinary event, not a contrived race)."""
 

@@ -5,6 +5,7 @@ Pure math on seeded random arrays; nothing here runs the network.
 
 from __future__ import annotations
 
+import io
 from itertools import pairwise
 
 import numpy as np
@@ -134,6 +135,61 @@ def test_feature_stats_bytes_round_trip_is_exact() -> None:
     assert back.sum.dtype == np.float64 and back.gram.dtype == np.float64
     np.testing.assert_array_equal(back.sum, stats.sum)
     np.testing.assert_array_equal(back.gram, stats.gram)
+
+
+def test_the_encoding_stores_the_gram_as_its_packed_upper_triangle() -> None:
+    stats = FeatureStats.of(pool3_like(np.random.RandomState(5), 9, 6))
+    with np.load(io.BytesIO(stats.to_bytes()), allow_pickle=False) as z:
+        assert "gram" not in z.files
+        np.testing.assert_array_equal(z["gram_upper"], stats.gram.T[np.tril_indices(6)])  # column j: rows 0..j
+
+
+def test_an_encoding_with_the_whole_gram_still_decodes() -> None:
+    stats = FeatureStats.of(pool3_like(np.random.RandomState(6), 9, 6))
+    buf = io.BytesIO()
+    np.savez(buf, n=np.int64(stats.n), sum=stats.sum, gram=stats.gram)  # what earlier releases wrote
+    np.testing.assert_array_equal(FeatureStats.from_bytes(buf.getvalue()).gram, stats.gram)
+
+
+def test_statistics_streamed_into_an_unseekable_writer_decode_to_the_same_arrays() -> None:
+    class Unseekable:
+        def __init__(self) -> None:
+            self.buf = io.BytesIO()
+
+        def write(self, data) -> int:
+            return self.buf.write(data)
+
+        def flush(self) -> None:
+            pass
+
+    rng = np.random.RandomState(7)
+    stats = FeatureStats.of(pool3_like(rng, 12, 5).astype(np.float32), logits_like(rng, 12, 7),
+                            split_assignment(12, 3, SEED), 3)
+    out = Unseekable()
+    stats.write(out)
+    back = FeatureStats.from_bytes(out.buf.getvalue())
+    np.testing.assert_array_equal(back.gram, stats.gram)
+    np.testing.assert_array_equal(back.features, stats.features)
+    np.testing.assert_array_equal(back.split_plogp, stats.split_plogp)
+
+
+def test_decoded_partials_merge_to_the_same_bits_as_merging_the_originals() -> None:
+    rng = np.random.RandomState(8)
+    parts = [FeatureStats.of(pool3_like(rng, k, 16)) for k in (5, 11, 7)]
+    merged = merge_in_order(FeatureStats.from_bytes(p.to_bytes()) for p in parts)  # triangles added, mirrored once
+    np.testing.assert_array_equal(merged.gram, merge_in_order(iter(parts)).gram)
+    np.testing.assert_array_equal(merged.gram, merged.gram.T)
+
+
+def test_a_rows_file_holds_the_kept_rows_in_order_as_one_npy() -> None:
+    rng = np.random.RandomState(9)
+    a, b = pool3_like(rng, 3, 6).astype(np.float32), pool3_like(rng, 4, 6).astype(np.float32)
+    acc = FeatureStats.new(6)
+    acc.add(a)
+    acc.add(b)
+    out = io.BytesIO()
+    acc.write_rows(out)
+    np.testing.assert_array_equal(np.load(io.BytesIO(out.getvalue()), allow_pickle=False), np.concatenate([a, b]))
 
 
 def test_feature_stats_read_mid_accumulation_then_extended_equal_stats_of_all_rows() -> None:

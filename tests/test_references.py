@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.references import CorruptCache, load_reference, store_reference
+from evalfarm.scheduler.row_files import NpyFileRows, npz_member_at
 from evalfarm.scheduler.store import FeatureStore
 
 KEY, WEIGHTS, RESIZE = "refs/example.npz", "w" * 64, "tf"
@@ -57,3 +59,36 @@ def test_a_cache_file_from_before_digests_is_sealed_on_first_read(store: Feature
     load_reference(store, KEY, WEIGHTS, RESIZE, "example")
 
     assert FeatureStats.from_bytes(store.get_bytes(KEY)).meta["sha256"] == stats.digest()
+
+
+def test_a_cached_reference_leaves_its_rows_in_the_file(store: FeatureStore) -> None:
+    stats = cached(store)
+    back = load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+    assert isinstance(back.rows, NpyFileRows)  # mapped, read a block at a time by the digest check and KID
+    assert back.rows.slice(0, len(back.rows)).tobytes() == stats.features.tobytes()
+
+
+def test_a_cache_file_with_an_altered_row_is_refused(store: FeatureStore) -> None:
+    cached(store)
+    path = Path(store.local_path(KEY))
+    data = bytearray(path.read_bytes())
+    at = npz_member_at(str(path), "features.npy") + 128  # inside the rows: past the .npy header
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptCache, match=r"example.npz are altered"):
+        load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+
+
+def test_the_digest_of_rows_left_in_files_equals_the_digest_of_rows_in_memory(store: FeatureStore) -> None:
+    rows = np.random.RandomState(1).normal(size=(9, 4)).astype(np.float32)
+    in_memory = FeatureStats.of(rows)
+    from_file = FeatureStats.of(rows)
+    store.put_bytes("rows.npy", npy_bytes(rows))
+    from_file.attach_features(NpyFileRows(store.local_path("rows.npy")))
+    assert from_file.digest() == in_memory.digest()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()

@@ -14,7 +14,7 @@ import redis
 
 from evalfarm.metrics import FeatureStats, kernel_inception_distance
 from evalfarm.metrics.rows import ConcatRows
-from evalfarm.scheduler.partials import RedisPartials
+from evalfarm.scheduler.partials import LocalPartials, PartialStore, RedisPartials
 from evalfarm.scheduler.plan import SAMPLES
 from evalfarm.scheduler.row_files import NpyFileRows
 from evalfarm.scheduler.store import FeatureStore
@@ -103,19 +103,31 @@ def test_a_file_that_is_not_float32_rows_is_refused(tmp_path: Path) -> None:
         NpyFileRows(write_npy(tmp_path / "ints.npy", np.zeros((3, 4), np.int64)))
 
 
-# -- the farm's partial store ---------------------------------------------------------------------------------------
+# -- the partial stores: the farm's (records in Redis) and the embedded runner's (records in this process) ---------
 
 
-@pytest.fixture
-def partials(tmp_path: Path):
-    require_services()
-    client = redis.Redis.from_url(REDIS_URL)
-    store = RedisPartials(client, FeatureStore(str(tmp_path / "store")))
+@pytest.fixture(params=["redis", "local"])
+def partials(request: pytest.FixtureRequest, tmp_path: Path):
+    files = FeatureStore(str(tmp_path / "store"))
+    if request.param == "redis":
+        require_services()
+        store = RedisPartials(redis.Redis.from_url(REDIS_URL), files)
+    else:
+        store = LocalPartials(files)
     yield store, tmp_path / "store"
     store.drop("rows-job")
 
 
-def put_shard(store: RedisPartials, rows: np.ndarray) -> None:
+def test_dropping_a_job_removes_its_files(partials) -> None:
+    store, root = partials
+    put_shard(store, shard_rows()[2])
+    assert list((root / "jobs" / "rows-job").rglob("*.npy"))
+    store.drop("rows-job")
+    assert not (root / "jobs" / "rows-job").exists()
+    assert store.get("rows-job", SAMPLES, 0, features=False) is None
+
+
+def put_shard(store: PartialStore, rows: np.ndarray) -> None:
     store.put("rows-job", SAMPLES, 0, {"inception-v3-compat": FeatureStats.of(rows)})
 
 

@@ -4,14 +4,18 @@ For features X (n×d) and, on the samples side, the logits of each sample's IS s
 XᵀX in float64 (FID), per-split n, Σp and Σ Σ_y p·log p (IS), and optionally the float32 rows of X
 (KID). Every sum merges by `+`, so merging shards in a fixed order gives the statistics of the whole set
 up to float64 rounding, whatever the number of shards (stylegan3's `FeatureStats` idea). One encoding,
-`.npz` bytes without pickles, serves partials and cached references alike.
+`.npz` without pickles, serves partials and cached references alike. It holds the symmetric Gram as its
+packed upper triangle (`gram_upper`): half the bytes, and written straight from `syrk`'s triangle with no
+mirror and no copy, since writing a shard's partial is the farm's main cost per shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import IO
 
 import numpy as np
 import scipy.linalg
@@ -20,7 +24,9 @@ from evalfarm.errors import MetricInputError
 from evalfarm.metrics.rows import ConcatRows, RowReader, Rows, row_slice
 
 _SPLIT_FIELDS = ("split_n", "split_p", "split_plogp")
-_ARRAY_FIELDS = ("n", "sum", "gram", "features", *_SPLIT_FIELDS)
+_ARRAY_FIELDS = ("n", "sum", "gram", "gram_upper", "features", *_SPLIT_FIELDS)
+_ROW_BLOCK = 8192  #: rows written per step when they come from files
+_WRITE_BYTES = 4 << 20  #: small blocks are joined into writes of about this size
 
 
 class FeatureStats:
@@ -190,7 +196,11 @@ class FeatureStats:
             raise ValueError("cannot merge statistics with IS split sums and statistics without them")
         if self.keep_features != other.keep_features:
             raise ValueError("cannot merge statistics that keep their feature rows with statistics that do not")
-        out = FeatureStats(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
+        if self._upper is not None and other._upper is not None:  # add the triangles; mirror once, when read
+            out = FeatureStats(self.n + other.n, self.sum + other.sum, np.zeros((0, 0)))
+            out._gram, out._upper = None, np.add(self._upper, other._upper, order="F")
+        else:  # the same numbers: each element of a mirrored sum is the sum of the mirrored elements
+            out = FeatureStats(self.n + other.n, self.sum + other.sum, self.gram + other.gram)
         if self.has_splits:
             out.split_n = self.split_n + other.split_n
             out.split_p = self.split_p + other.split_p
@@ -207,40 +217,142 @@ class FeatureStats:
     def digest(self) -> str:
         """SHA-256 of every array (not of their encoding): what a cached copy is checked against on read."""
         h = hashlib.sha256()
-        arrays = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram, "features": self.features,
+        arrays = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram, "features": None,
                   "split_n": self.split_n, "split_p": self.split_p, "split_plogp": self.split_plogp}
         for name, array in arrays.items():
-            if array is not None:
+            if name == "features" and self.keep_features:  # a block at a time: the rows may be files
+                h.update(f"features:<f4:{(self.n, self.sum.shape[0])};".encode())
+                for block in self.row_blocks():
+                    h.update(block)
+            elif array is not None:
                 a = np.ascontiguousarray(array)
                 h.update(f"{name}:{a.dtype.str}:{a.shape};".encode())
-                h.update(a.tobytes())
+                h.update(a)
         return h.hexdigest()
 
     # -- the one encoding --------------------------------------------------------------------------------------
 
-    def to_bytes(self, *, features: bool = True) -> bytes:
-        """`.npz` bytes of every array (features only if kept and asked for), and `meta` as strings."""
-        arrays: dict[str, np.ndarray] = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram}
-        if features and self.keep_features:
-            arrays["features"] = self.features
+    def upper_columns(self) -> Iterator[np.ndarray]:
+        """The Gram's upper triangle column by column (column j: rows 0..j), as views of the array held: in
+        this order they are `gram_upper`, the packed triangle the encoding stores."""
+        self._check_mergeable()
+        dim = self.sum.shape[0]
+        if self._upper is not None:  # Fortran order: each column's rows 0..j are contiguous
+            return (self._upper[: j + 1, j] for j in range(dim))
+        return (self._gram[j, : j + 1] for j in range(dim))  # C order, symmetric: row j's first j+1 elements
+
+    def write(self, out: IO[bytes], *, features: bool = True) -> None:
+        """Stream the `.npz` encoding into `out` (features only if kept and asked for; `meta` as strings).
+        Every array goes out as views of the arrays held, so nothing of the Gram's size is copied; `out` may
+        be unseekable (a hashing writer), and the zip then carries data descriptors, which every reader takes."""
+        dim = self.sum.shape[0]
+        small: dict[str, np.ndarray] = {"n": np.int64(self.n), "sum": self.sum}
         if self.has_splits:
-            arrays.update(split_n=self.split_n, split_p=self.split_p, split_plogp=self.split_plogp)
-        arrays.update({k: np.str_(v) for k, v in self.meta.items()})
+            small.update(split_n=self.split_n, split_p=self.split_p, split_plogp=self.split_plogp)
+        small.update({k: np.str_(v) for k, v in self.meta.items()})
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for name, array in small.items():
+                a = np.asarray(array, order="C")  # 0-d stays 0-d (`ascontiguousarray` would make it 1-d)
+                _write_member(z, name, a.dtype, a.shape, [a])
+            _write_member(z, "gram_upper", np.dtype("<f8"), (dim * (dim + 1) // 2,), self.upper_columns())
+            if features and self.keep_features:
+                _write_member(z, "features", np.dtype("<f4"), (self.n, dim), self.row_blocks())
+
+    def write_rows(self, out: IO[bytes]) -> None:
+        """Stream the kept float32 rows into `out` as one `.npy` (a shard's rows file, mapped by the reducer)."""
+        if not self.keep_features:
+            raise ValueError("these statistics kept no feature rows")
+        _write_npy(out, np.dtype("<f4"), (self.n, self.sum.shape[0]), self.row_blocks())
+
+    def row_blocks(self) -> Iterator[np.ndarray]:
+        """The float32 rows in order, a block at a time, as they are held (read from their files in steps)."""
+        for chunk in self._chunks:
+            if isinstance(chunk, np.ndarray):
+                yield np.ascontiguousarray(chunk, np.float32)
+            else:
+                for at in range(0, len(chunk), _ROW_BLOCK):
+                    yield row_slice(chunk, at, at + _ROW_BLOCK)
+
+    def to_bytes(self, *, features: bool = True) -> bytes:
+        """The encoding (`write`) as bytes."""
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        self.write(buf, features=features)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, features: bool = True) -> FeatureStats:
-        """Decode `to_bytes`; `features=False` leaves the feature rows unread."""
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        """Decode `to_bytes` (or an older encoding with the whole `gram`); `features=False` leaves the feature
+        rows unread."""
+        return cls.load(io.BytesIO(data), features=features)
+
+    @classmethod
+    def load(cls, file: str | IO[bytes], *, features: bool = True) -> FeatureStats:
+        """Decode the encoding from a path or file, reading only the members used (`features=False` leaves
+        the rows, most of a cached reference's bytes, unread)."""
+        with np.load(file, allow_pickle=False) as z:
             names = set(z.files)
             splits = {k: z[k] for k in _SPLIT_FIELDS if k in names}
-            return cls(
+            dim = z["sum"].shape[0]
+            packed = z["gram_upper"] if "gram_upper" in names else None
+            stats = cls(
                 int(z["n"]),
                 z["sum"],
-                z["gram"],
+                z["gram"] if packed is None else np.zeros((0, 0)),
                 features=z["features"] if features and "features" in names else None,
                 **splits,
                 meta={k: str(z[k]) for k in names - set(_ARRAY_FIELDS)},
             )
+        if packed is not None:
+            stats._gram, stats._upper = None, unpack_upper(packed, dim)
+        return stats
+
+
+def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:
+    """The Fortran-ordered (dim, dim) upper triangle, zeros below, of `gram_upper` (see `upper_columns`)."""
+    if packed.shape != (dim * (dim + 1) // 2,):
+        raise MetricInputError(f"a packed Gram of {packed.shape} values for {dim} features")
+    upper = np.zeros((dim, dim), np.float64, order="F")
+    flat = upper.reshape(-1, order="F")  # a view: column j starts at j * dim
+    at = 0
+    for j in range(dim):
+        flat[j * dim : j * dim + j + 1] = packed[at : at + j + 1]
+        at += j + 1
+    return upper
+
+
+def _write_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...],
+                  blocks: Iterator[np.ndarray] | list[np.ndarray]) -> None:
+    """One `.npy` member of an `.npz`, its data written block by block (views, not a concatenation)."""
+    with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+        _write_npy(member, dtype, shape, blocks)
+
+
+def _write_npy(out: IO[bytes], dtype: np.dtype, shape: tuple[int, ...],
+               blocks: Iterator[np.ndarray] | list[np.ndarray]) -> None:
+    """A C-ordered `.npy` of `shape`, its data written block by block (views, not a concatenation)."""
+    np.lib.format.write_array_header_1_0(
+        out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    written, expected = 0, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    for data in _coalesced(np.asarray(b, dtype, order="C").reshape(-1).view(np.uint8) for b in blocks):
+        out.write(data)
+        written += data.nbytes
+    if written != expected:
+        raise ValueError(f"wrote {written} bytes for an array of {shape} {dtype}")
+
+
+def _coalesced(blocks: Iterator[np.ndarray], size: int = _WRITE_BYTES) -> Iterator[np.ndarray]:
+    """Small byte blocks joined into writes of about `size` (a Gram's 2048 columns would be 2048 writes);
+    large ones passed through as they are."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for block in blocks:
+        if block.nbytes >= size and not pending:
+            yield block
+            continue
+        pending.append(block)
+        held += block.nbytes
+        if held >= size:
+            yield np.concatenate(pending)
+            pending, held = [], 0
+    if pending:
+        yield np.concatenate(pending)

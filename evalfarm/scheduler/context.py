@@ -1,7 +1,7 @@
 """Where a job's lifecycle keeps its state: the database, the feature store and the partial store.
 
-The embedded runner and the farm differ only here: SQLite and in-memory partials on one machine,
-Postgres and Redis-backed partials on the farm. Every step takes a `Context` and nothing else global.
+The embedded runner and the farm differ only here: SQLite and partials recorded in this process on one
+machine, Postgres and Redis-backed partials on the farm. Every step takes a `Context` and nothing else global.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evalfarm.db import session_factory
-from evalfarm.scheduler.partials import MemoryPartials, PartialStore, RedisPartials
+from evalfarm.scheduler.partials import LocalPartials, PartialStore, RedisPartials
 from evalfarm.scheduler.records import Sessions
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.settings import Settings
@@ -27,10 +27,12 @@ class Context:
     None where a farm has none (see `steps.read_policy`)."""
 
 
-def embedded_context(settings: Settings) -> Context:
-    """SQLite (or EVALFARM_DATABASE_URL) for the record, partials in this process's memory; the user's own
-    machine, so any path the user names may be read."""
-    return Context(session_factory(settings.db_url), FeatureStore(settings.store), MemoryPartials())
+def embedded_context(settings: Settings, spill: str | None = None) -> Context:
+    """SQLite (or EVALFARM_DATABASE_URL) for the record; the shards' partial files in the private directory
+    `spill` (in memory without one), their records in this process; the user's own machine, so any path the
+    user names may be read."""
+    partials = LocalPartials(FeatureStore(spill) if spill is not None else None)
+    return Context(session_factory(settings.db_url), FeatureStore(settings.store), partials)
 
 
 REDIS_SOCKET_TIMEOUT_S = 30  #: a Redis reply slower than this is an outage (retried), never a hang

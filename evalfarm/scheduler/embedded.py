@@ -1,12 +1,17 @@
 """The embedded runner behind `evalfarm eval`: the farm's plan → shards → reduce, in this process.
 
-No Redis, no Postgres: SQLite records the job and partials stay in memory. Because it calls the same
-`plan_job`, `run_shard` and `reduce_job` as the Celery tasks, a result here equals the farm's.
+No Redis, no Postgres: SQLite records the job, and the shards' partials are the farm's files, in a private
+directory under the evalfarm home that the run removes (held in memory, a million samples' partials would
+be tens of GB). Because it calls the same `plan_job`, `run_shard` and `reduce_job` as the Celery tasks, a
+result here equals the farm's.
 """
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -15,8 +20,9 @@ from evalfarm.config import EvalConfig
 from evalfarm.errors import EvalfarmError, JobError
 from evalfarm.keys import INCEPTION, JOB_EVAL
 from evalfarm.models.featurizers import Featurizer, build_featurizer, load_weights_for
+from evalfarm.models.weights import Weights
 from evalfarm.scheduler import records
-from evalfarm.scheduler.context import embedded_context
+from evalfarm.scheduler.context import Context, embedded_context
 from evalfarm.scheduler.ends import fail_job
 from evalfarm.scheduler.job import EMBEDDED
 from evalfarm.scheduler.steps import plan_job, reduce_job, run_prc_tile, run_shard
@@ -48,7 +54,21 @@ def run_embedded(
     settings = settings or get_settings()
     paths = {**(extractor_weights or {}), **({INCEPTION: weights} if weights else {})}
     w = {name: load_weights_for(settings, name, paths.get(name)) for name in config.featurizers}
-    ctx = embedded_context(settings)
+    spill_root = Path(settings.home).expanduser() / "spill"
+    spill_root.mkdir(parents=True, exist_ok=True)
+    spill = tempfile.mkdtemp(prefix="partials-", dir=spill_root)
+    try:
+        return _run(embedded_context(settings, spill), samples, ref, config, w, settings=settings, device=device,
+                    kind=kind, reference_name=reference_name, run=run, step=step, tags=tags, progress=progress,
+                    num_workers=num_workers, on_job=on_job)
+    finally:
+        shutil.rmtree(spill, ignore_errors=True)
+
+
+def _run(ctx: Context, samples: str, ref: str | None, config: EvalConfig, w: dict[str, Weights], *,
+         settings: Settings, device: str | None, kind: str, reference_name: str | None, run: str | None,
+         step: int | None, tags: dict[str, Any] | None, progress: bool, num_workers: int | None,
+         on_job: Callable[[str], None] | None) -> dict[str, Any]:
     request = records.Submission(samples, ref, config, kind=kind, run=run, step=step, tags=tags or {},
                                  weights_sha256=w[INCEPTION].sha256 if INCEPTION in w else None,
                                  reference_name=reference_name)

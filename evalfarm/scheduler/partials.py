@@ -1,11 +1,13 @@
 """Where finished shards leave their statistics until the reducer merges them.
 
 Keyed by (job, side, shard): a shard that runs twice overwrites its own entry and never adds twice.
-The embedded runner keeps them in memory. The farm cannot put them in Redis whole: one shard's XᵀX is
-2048² float64 = 32 MiB, and a thousand of those would make Redis' memory unpredictable. So the shard's
-`FeatureStats` bytes and its feature rows go to the feature store, and Redis holds a small record per
-shard with their SHA-256 digests. A reducer that finds the record missing (Redis restarted or flushed),
-a file missing, or a digest that differs gets None, and the shard is recomputed instead of guessed.
+The farm cannot put them in Redis whole: one shard's XᵀX is 2048² float64 = 32 MiB (16 as the packed
+triangle stored), and a thousand of those would make Redis' memory unpredictable. So the shard's
+`FeatureStats` encoding and its feature rows go to the feature store as files, streamed and hashed in one
+pass, and Redis holds a small record per shard with their SHA-256 digests. A reducer that finds the record
+missing (Redis restarted or flushed), a file missing, or a digest that differs gets None, and the shard is
+recomputed instead of guessed. The embedded runner writes the same files to a private directory and keeps
+the records in memory (`LocalPartials`), so its memory, too, does not grow with the number of shards.
 
 A shard of a job with several extractors leaves one `FeatureStats` per extractor, all in one record, so
 that they are written, replaced and lost together.
@@ -17,7 +19,7 @@ import hashlib
 import io
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -25,7 +27,7 @@ import numpy as np
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.row_files import NpyFileRows
-from evalfarm.scheduler.store import FeatureStore
+from evalfarm.scheduler.store import FeatureStore, HashingWriter
 
 if TYPE_CHECKING:
     import redis
@@ -76,46 +78,71 @@ class PartialStore(Protocol):
         """Count one more start of work `name`; returns the count."""
 
 
-class MemoryPartials:
-    """In this process, for the embedded runner and the state machine's unit tests."""
+class LocalPartials:
+    """Records in this process: the embedded runner's (shards' files in `store`, a private directory), and
+    the state machine's unit tests' (without a store: the statistics objects themselves, in memory)."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: FeatureStore | None = None) -> None:
+        self.store = store
         self._items: dict[tuple[str, str, int], dict[str, FeatureStats]] = {}
+        self._records: dict[tuple[str, str, int], dict[str, str | int]] = {}
         self._blobs: dict[tuple[str, str], bytes] = {}
         self._digests: dict[tuple[str, str], str] = {}
         self._leases: dict[tuple[str, str], float] = {}
         self._attempts: dict[tuple[str, str], int] = {}
 
     def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
-        self._items[(job_id, side, shard)] = dict(parts)
+        if self.store is None:
+            self._items[(job_id, side, shard)] = dict(parts)
+        else:
+            self._records[(job_id, side, shard)] = write_shard_files(self.store, job_id, side, shard, parts)
 
     def get(self, job_id: str, side: str, shard: int, *, features: bool,
             extractor: str = INCEPTION) -> FeatureStats | None:
-        return self._items.get((job_id, side, shard), {}).get(extractor)
+        if self.store is None:
+            return self._items.get((job_id, side, shard), {}).get(extractor)
+        record = self._records.get((job_id, side, shard), {})
+        return read_shard_files(self.store, record, job_id, side, shard, extractor=extractor, features=features)
 
     def discard(self, job_id: str, side: str, shard: int) -> None:
         self._items.pop((job_id, side, shard), None)
+        record = self._records.pop((job_id, side, shard), None)
+        if self.store is not None and record is not None:
+            delete_shard_files(self.store, job_id, side, shard, record)
 
     def job_ids(self) -> set[str]:
-        return {k[0] for k in self._items} | {k[0] for k in self._blobs}
+        return {k[0] for k in self._items} | {k[0] for k in self._records} | {k[0] for k in self._digests}
 
     def drop(self, job_id: str) -> None:
-        for key in [k for k in self._items if k[0] == job_id]:
-            del self._items[key]
-        for store in (self._blobs, self._digests, self._leases, self._attempts):
+        for store in (self._items, self._records, self._blobs, self._digests, self._leases, self._attempts):
             for key in [k for k in store if k[0] == job_id]:
                 del store[key]
+        if self.store is not None:
+            self.store.delete_prefix(f"jobs/{job_id}")
 
     def put_blob(self, job_id: str, name: str, data: bytes) -> None:
-        self._blobs[(job_id, name)], self._digests[(job_id, name)] = data, _digest(data)
+        if self.store is None:
+            self._blobs[(job_id, name)] = data
+        else:
+            self.store.put_bytes(_blob_file(job_id, name), data)
+        self._digests[(job_id, name)] = _digest(data)
 
     def get_blob(self, job_id: str, name: str) -> bytes | None:
         """Checked against its digest as the farm's store checks it: bytes altered after `put` count as lost."""
-        data = self._blobs.get((job_id, name))
-        return data if data is not None and _digest(data) == self._digests.get((job_id, name)) else None
+        digest = self._digests.get((job_id, name))
+        if digest is None:
+            return None
+        if self.store is None:
+            data = self._blobs.get((job_id, name))
+        else:
+            try:
+                data = self.store.get_bytes(_blob_file(job_id, name))
+            except FileNotFoundError:
+                return None
+        return data if data is not None and _digest(data) == digest else None
 
     def blob_names(self, job_id: str) -> set[str]:
-        return {n for j, n in self._blobs if j == job_id}
+        return {n for j, n in self._digests if j == job_id}
 
     def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
         now = time.monotonic()
@@ -139,6 +166,85 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# -- a shard's files: the one format of the farm and the embedded runner --------------------------------------------
+
+
+def _file(job_id: str, side: str, shard: int, what: str) -> str:
+    return f"jobs/{job_id}/{side}/{shard:06d}.{what}"
+
+
+def _what(extractor: str, what: str) -> str:
+    """Inception's files keep the names they had before there were other extractors."""
+    return what if extractor == INCEPTION else f"{extractor}.{what}"
+
+
+def _blob_file(job_id: str, name: str) -> str:
+    return f"jobs/{job_id}/blobs/{name}"
+
+
+def _write_hashed(store: FeatureStore, key: str, write: Callable[[HashingWriter], None]) -> str:
+    with store.writer(key) as f:
+        hashed = HashingWriter(f)
+        write(hashed)
+    return hashed.hexdigest()
+
+
+def write_shard_files(store: FeatureStore, job_id: str, side: str, shard: int,
+                      parts: Mapping[str, FeatureStats]) -> dict[str, str | int]:
+    """Write a shard's statistics (and rows, when kept) per extractor; returns the record of their digests."""
+    record: dict[str, str | int] = {}
+    for extractor, stats in parts.items():
+        what = _what(extractor, "stats.npz")
+        record[what] = _write_hashed(store, _file(job_id, side, shard, what),
+                                     lambda out, stats=stats: stats.write(out, features=False))
+        if stats.keep_features:
+            what = _what(extractor, "features.npy")
+            record[what] = _write_hashed(store, _file(job_id, side, shard, what), stats.write_rows)
+        record["n"] = stats.n
+    return record
+
+
+def read_shard_files(store: FeatureStore, record: Mapping[str, str | int], job_id: str, side: str, shard: int,
+                     *, extractor: str, features: bool) -> FeatureStats | None:
+    """One extractor's statistics as `record` describes them, or None when a file is missing or differs."""
+    wanted = [_what(extractor, "stats.npz"), *([_what(extractor, "features.npy")] if features else [])]
+    if any(what not in record for what in wanted):
+        return None
+    try:
+        data = store.get_bytes(_file(job_id, side, shard, wanted[0]))
+        if _digest(data) != record[wanted[0]]:
+            return None
+        stats = FeatureStats.from_bytes(data)
+        if features:
+            rows = _rows(store, _file(job_id, side, shard, wanted[1]), str(record[wanted[1]]))
+            if rows is None:
+                return None
+            stats.attach_features(rows)
+    except FileNotFoundError:
+        return None
+    return stats
+
+
+def _rows(store: FeatureStore, key: str, digest: str) -> np.ndarray | NpyFileRows | None:
+    """A shard's feature rows, verified: a local file stays on disk, mapped (KID reads the rows it draws,
+    so a side of a million samples is never in memory); a remote one is read whole."""
+    path = store.local_path(key)
+    if path is None:
+        data = store.get_bytes(key)
+        return np.load(io.BytesIO(data), allow_pickle=False) if _digest(data) == digest else None
+    try:
+        rows = NpyFileRows(path)
+    except ValueError:
+        return None  # not the rows it claims to be: recomputed, as an altered file is
+    return rows if rows.file_sha256() == digest else None
+
+
+def delete_shard_files(store: FeatureStore, job_id: str, side: str, shard: int,
+                       record: Mapping[str, str | int]) -> None:
+    for what in {"stats.npz", "features.npy", *(k for k in record if k != "n")}:
+        store.delete(_file(job_id, side, shard, what))
+
+
 class RedisPartials:
     """Statistics and feature rows in the feature store, their digests in Redis (see the module docstring)."""
 
@@ -149,28 +255,8 @@ class RedisPartials:
     def _key(job_id: str, side: str, shard: int) -> str:
         return f"evalfarm:partial:{job_id}:{side}:{shard}"
 
-    @staticmethod
-    def _file(job_id: str, side: str, shard: int, what: str) -> str:
-        return f"jobs/{job_id}/{side}/{shard:06d}.{what}"
-
-    @staticmethod
-    def _what(extractor: str, what: str) -> str:
-        """Inception's files keep the names they had before there were other extractors."""
-        return what if extractor == INCEPTION else f"{extractor}.{what}"
-
     def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
-        blobs: dict[str, bytes] = {}
-        record: dict[str, str | int] = {}
-        for extractor, stats in parts.items():
-            blobs[self._what(extractor, "stats.npz")] = stats.to_bytes(features=False)
-            if stats.keep_features:
-                buf = io.BytesIO()
-                np.save(buf, np.ascontiguousarray(stats.features), allow_pickle=False)
-                blobs[self._what(extractor, "features.npy")] = buf.getvalue()
-            record["n"] = stats.n
-        for what, data in blobs.items():
-            self.store.put_bytes(self._file(job_id, side, shard, what), data)
-            record[what] = _digest(data)
+        record = write_shard_files(self.store, job_id, side, shard, parts)
         key = self._key(job_id, side, shard)
         with self.redis.pipeline() as p:  # overwrite, never add: a shard that ran twice leaves one record
             p.delete(key)
@@ -181,35 +267,7 @@ class RedisPartials:
     def get(self, job_id: str, side: str, shard: int, *, features: bool,
             extractor: str = INCEPTION) -> FeatureStats | None:
         record = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._key(job_id, side, shard)).items()}
-        wanted = [self._what(extractor, "stats.npz"), *([self._what(extractor, "features.npy")] if features else [])]
-        if any(what not in record for what in wanted):
-            return None
-        try:
-            data = self.store.get_bytes(self._file(job_id, side, shard, wanted[0]))
-            if _digest(data) != record[wanted[0]]:
-                return None
-            stats = FeatureStats.from_bytes(data)
-            if features:
-                rows = self._rows(self._file(job_id, side, shard, wanted[1]), record[wanted[1]])
-                if rows is None:
-                    return None
-                stats.attach_features(rows)
-        except FileNotFoundError:
-            return None
-        return stats
-
-    def _rows(self, key: str, digest: str) -> np.ndarray | NpyFileRows | None:
-        """A shard's feature rows, verified: a local file stays on disk, mapped (KID reads the rows it draws,
-        so a side of a million samples is never in memory); a remote one is read whole."""
-        path = self.store.local_path(key)
-        if path is None:
-            data = self.store.get_bytes(key)
-            return np.load(io.BytesIO(data), allow_pickle=False) if _digest(data) == digest else None
-        try:
-            rows = NpyFileRows(path)
-        except ValueError:
-            return None  # not the rows it claims to be: recomputed, as an altered file is
-        return rows if rows.file_sha256() == digest else None
+        return read_shard_files(self.store, record, job_id, side, shard, extractor=extractor, features=features)
 
     def job_ids(self) -> set[str]:
         in_redis = {k.decode().split(":")[2] for k in self.redis.scan_iter(match="evalfarm:partial:*", count=500)}
@@ -217,10 +275,9 @@ class RedisPartials:
 
     def discard(self, job_id: str, side: str, shard: int) -> None:
         key = self._key(job_id, side, shard)
-        files = [k.decode() for k in self.redis.hkeys(key) if k.decode() != "n"]
+        record = {k.decode(): "" for k in self.redis.hkeys(key)}
         self.redis.delete(key)
-        for what in {"stats.npz", "features.npy", *files}:
-            self.store.delete(self._file(job_id, side, shard, what))
+        delete_shard_files(self.store, job_id, side, shard, record)
 
     def drop(self, job_id: str) -> None:
         for key in self.redis.scan_iter(match=f"evalfarm:partial:{job_id}:*", count=500):
@@ -233,12 +290,8 @@ class RedisPartials:
     def _blobs(self, job_id: str) -> str:
         return f"evalfarm:partial:{job_id}:blobs"
 
-    @staticmethod
-    def _blob_file(job_id: str, name: str) -> str:
-        return f"jobs/{job_id}/blobs/{name}"
-
     def put_blob(self, job_id: str, name: str, data: bytes) -> None:
-        self.store.put_bytes(self._blob_file(job_id, name), data)
+        self.store.put_bytes(_blob_file(job_id, name), data)
         with self.redis.pipeline() as p:
             p.hset(self._blobs(job_id), name, _digest(data))
             p.expire(self._blobs(job_id), self.ttl_s)
@@ -249,7 +302,7 @@ class RedisPartials:
         if digest is None:
             return None
         try:
-            data = self.store.get_bytes(self._blob_file(job_id, name))
+            data = self.store.get_bytes(_blob_file(job_id, name))
         except FileNotFoundError:
             return None
         return data if _digest(data) == digest.decode() else None

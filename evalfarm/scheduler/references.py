@@ -9,6 +9,7 @@ arrays, checked on every read: a cache file that fails it is never used, but rep
 from __future__ import annotations
 
 import logging
+import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy as np
 from evalfarm.errors import EvalfarmError, ReferenceMismatchError, SourceError
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
+from evalfarm.scheduler.row_files import NpyFileRows, npz_member_at
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import reason
 
@@ -42,7 +44,8 @@ def store_reference(
     """Write atomically, with the digest of the arrays beside what they depend on."""
     stats.meta = {"content_hash": content_hash, "weights_sha256": weights_sha256, "resize": resize,
                   "sha256": stats.digest()}
-    store.put_bytes(key, stats.to_bytes())
+    with store.writer(key) as f:  # streamed: a reference's rows are never assembled to be written
+        stats.write(f)
 
 
 def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: str, what: str) -> FeatureStats | None:
@@ -52,7 +55,7 @@ def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: s
         return None
     path = store.describe(key)
     try:
-        stats = FeatureStats.from_bytes(store.get_bytes(key))
+        stats = _read(store, key)
     except FileNotFoundError:
         return None
     except Exception as exc:  # truncated, not a zip, wrong keys or dtypes, pickled arrays: never trusted
@@ -65,6 +68,26 @@ def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: s
     elif stats.meta["sha256"] != stats.digest():
         raise CorruptCache(path, "altered (their arrays do not match the digest stored with them)")
     return stats
+
+
+def _read(store: FeatureStore, key: str) -> FeatureStats:
+    """A local cache file's rows stay in it, mapped (the digest check and KID read them a block at a time);
+    a remote one is read whole."""
+    local = store.local_path(key)
+    if local is None:
+        return FeatureStats.from_bytes(store.get_bytes(key))
+    stats = FeatureStats.load(local, features=False)
+    at = npz_member_at(local, "features.npy")
+    if at is not None:
+        stats.attach_features(NpyFileRows(local, at))
+    elif stats.n and _has_member(local, "features.npy"):  # compressed by some other writer: read whole
+        stats = FeatureStats.load(local)
+    return stats
+
+
+def _has_member(path: str, name: str) -> bool:
+    with zipfile.ZipFile(path) as z:
+        return name in z.namelist()
 
 
 def check_compatible(what: str, ref_weights: str | None, ref_resize: str | None, weights: str, resize: str) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import struct
+import zipfile
 
 import numpy as np
 
@@ -19,17 +21,20 @@ _HASH_CHUNK = 16 << 20  #: bytes hashed per step; their pages are dropped after 
 
 
 class NpyFileRows:
-    """The rows of a 2-D float32 C-ordered `.npy` file, mapped and read by index."""
+    """The rows of a 2-D float32 C-ordered `.npy` file, mapped and read by index; with `at`, of the `.npy`
+    that starts at byte `at` of a larger file (a member stored uncompressed in an `.npz`, see `npz_member_at`)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], at: int | None = None) -> None:
         self.path = os.fspath(path)
         with open(self.path, "rb") as f:
+            f.seek(at or 0)
             shape, fortran, dtype = read_npy_header(f)
             offset = f.tell()
             size = os.fstat(f.fileno()).st_size
             if len(shape) != 2 or fortran or dtype != np.dtype("<f4"):
                 raise ValueError(f"{self.path}: expected 2-D C-ordered float32 rows, got {dtype} {shape}")
-            if offset + shape[0] * shape[1] * 4 != size:
+            end = offset + shape[0] * shape[1] * 4
+            if end > size or (at is None and end != size):
                 raise ValueError(f"{self.path}: {size} bytes for {shape} float32 rows")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # never empty: it holds the header
         self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
@@ -65,3 +70,22 @@ class NpyFileRows:
         finally:
             view.release()
         return h.hexdigest()
+
+
+def npz_member_at(path: str, name: str) -> int | None:
+    """Where member `name` of the `.npz` at `path` starts in the file, when it is stored uncompressed (as
+    evalfarm writes them); None when it is absent or compressed (then it must be read as a whole)."""
+    with zipfile.ZipFile(path) as z:
+        try:
+            info = z.getinfo(name)
+        except KeyError:
+            return None
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as f:  # the local header's own name and extra lengths, which may differ from the directory's
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: member {name} has no local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len

@@ -8,11 +8,14 @@ shard that runs twice simply replaces its own file. Arrays are `.npy`/`.npz` byt
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from evalfarm.sources import is_url
 
@@ -53,6 +56,33 @@ class FeatureStore:
             self.fs.pipe_file(tmp, data)
             self.fs.mv(tmp, path)
 
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        """A file to stream `key` into: the value appears whole when the block ends, and not at all if it
+        raises (a value of tens of MiB is then written once, never first assembled in memory)."""
+        path = self._path(key)
+        if self.fs is None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    yield f
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                raise
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with self.fs.open(tmp, "wb") as f:
+                    yield f
+                self.fs.mv(tmp, path)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    self.fs.rm(tmp)
+                raise
+
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
         if self.fs is None:
@@ -89,3 +119,21 @@ class FeatureStore:
         elif self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+
+
+class HashingWriter:
+    """Writes through to `out` and hashes the bytes as they pass (SHA-256): one pass over a value, where
+    encoding, hashing and writing it would be three. Unseekable on purpose: a zip written into it streams."""
+
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out, self._sha = out, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self._sha.update(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
