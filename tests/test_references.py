@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.references import CorruptCache, load_reference, store_reference
-from evalfarm.scheduler.row_files import NpyFileRows, npz_member_at
+from evalfarm.scheduler.row_files import NpyFileRows, npz_member
 from evalfarm.scheduler.store import FeatureStore
 
 KEY, WEIGHTS, RESIZE = "refs/example.npz", "w" * 64, "tf"
@@ -72,7 +73,8 @@ def test_a_cache_file_with_an_altered_row_is_refused(store: FeatureStore) -> Non
     cached(store)
     path = Path(store.local_path(KEY))
     data = bytearray(path.read_bytes())
-    at = npz_member_at(str(path), "features.npy") + 128  # inside the rows: past the .npy header
+    with open(path, "rb") as f:
+        at = npz_member(f, "features.npy")[0] + 128  # inside the rows: past the .npy header
     data[at] ^= 0x40
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptCache, match=r"example.npz are altered"):
@@ -92,3 +94,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
+
+
+def test_a_remote_cache_streams_in_and_reads_back_equal(tmp_path: Path) -> None:
+    remote = FeatureStore(f"memory://refs-{tmp_path.name}")
+    stats = cached(remote)
+    back = load_reference(remote, KEY, WEIGHTS, RESIZE, "example")
+    np.testing.assert_array_equal(back.features, stats.features)
+    np.testing.assert_array_equal(back.gram, stats.gram)
+
+
+def test_a_cache_file_whose_rows_member_is_short_is_refused(store: FeatureStore) -> None:
+    stats = FeatureStats.of(np.ones((6, 4), np.float32) + np.eye(6, 4, dtype=np.float32))
+    rows = npy_bytes(stats.features)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:  # an older release's file (no digest), its rows cut short
+        for name, array in {"n": np.int64(6), "sum": stats.sum, "gram": stats.gram, "weights_sha256": np.str_(WEIGHTS),
+                            "resize": np.str_(RESIZE)}.items():
+            z.writestr(f"{name}.npy", npy_bytes(array))
+        z.writestr("features.npy", rows[:-8])
+    store.put_bytes(KEY, buf.getvalue())
+    with pytest.raises(CorruptCache, match="unreadable"):
+        load_reference(store, KEY, WEIGHTS, RESIZE, "example")

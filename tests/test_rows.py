@@ -155,3 +155,14 @@ def test_a_damaged_rows_file_makes_the_shard_lost_not_read(partials, damage: str
     path.write_bytes(bytes(data))
     assert store.get("rows-job", SAMPLES, 0, features=True) is None
     assert store.get("rows-job", SAMPLES, 0, features=False) is not None  # its statistics are intact
+
+
+def test_a_remote_store_streams_a_shard_in_and_reads_its_rows_whole(tmp_path: Path) -> None:
+    store = LocalPartials(FeatureStore(f"memory://rows-{tmp_path.name}"))  # fsspec: nothing to map
+    rows = shard_rows()[2]
+    put_shard(store, rows)
+    got = store.get("rows-job", SAMPLES, 0, features=True)
+    assert isinstance(got.rows, np.ndarray)
+    assert got.features.tobytes() == rows.tobytes()
+    np.testing.assert_array_equal(got.gram, FeatureStats.of(rows).gram)
+    store.drop("rows-job")

@@ -5,8 +5,8 @@ XᵀX in float64 (FID), per-split n, Σp and Σ Σ_y p·log p (IS), and optional
 (KID). Every sum merges by `+`, so merging shards in a fixed order gives the statistics of the whole set
 up to float64 rounding, whatever the number of shards (stylegan3's `FeatureStats` idea). One encoding,
 `.npz` without pickles, serves partials and cached references alike. It holds the symmetric Gram as its
-packed upper triangle (`gram_upper`): half the bytes, and written straight from `syrk`'s triangle with no
-mirror and no copy, since writing a shard's partial is the farm's main cost per shard.
+packed upper triangle (`gram_upper`): half the bytes, written from `syrk`'s triangle without mirroring it,
+since writing a shard's partial is the farm's main cost per shard.
 """
 
 from __future__ import annotations
@@ -239,12 +239,14 @@ class FeatureStats:
         dim = self.sum.shape[0]
         if self._upper is not None:  # Fortran order: each column's rows 0..j are contiguous
             return (self._upper[: j + 1, j] for j in range(dim))
+        if not np.array_equal(self._gram, self._gram.T):  # its triangle would not stand for it
+            raise ValueError("a Gram that is not exactly symmetric cannot be stored as its triangle")
         return (self._gram[j, : j + 1] for j in range(dim))  # C order, symmetric: row j's first j+1 elements
 
     def write(self, out: IO[bytes], *, features: bool = True) -> None:
         """Stream the `.npz` encoding into `out` (features only if kept and asked for; `meta` as strings).
-        Every array goes out as views of the arrays held, so nothing of the Gram's size is copied; `out` may
-        be unseekable (a hashing writer), and the zip then carries data descriptors, which every reader takes."""
+        The arrays go out in blocks of a few MiB, never assembled whole; `out` may be unseekable (a hashing
+        writer), and the zip then carries data descriptors, which Python's zipfile and numpy read."""
         dim = self.sum.shape[0]
         small: dict[str, np.ndarray] = {"n": np.int64(self.n), "sum": self.sum}
         if self.has_splits:
@@ -322,14 +324,15 @@ def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:
 
 def _write_member(z: zipfile.ZipFile, name: str, dtype: np.dtype, shape: tuple[int, ...],
                   blocks: Iterator[np.ndarray] | list[np.ndarray]) -> None:
-    """One `.npy` member of an `.npz`, its data written block by block (views, not a concatenation)."""
+    """One `.npy` member of an `.npz`, its data written block by block."""
     with z.open(f"{name}.npy", "w", force_zip64=True) as member:
         _write_npy(member, dtype, shape, blocks)
 
 
 def _write_npy(out: IO[bytes], dtype: np.dtype, shape: tuple[int, ...],
                blocks: Iterator[np.ndarray] | list[np.ndarray]) -> None:
-    """A C-ordered `.npy` of `shape`, its data written block by block (views, not a concatenation)."""
+    """A C-ordered `.npy` of `shape`, its data written block by block (small blocks joined into writes of a
+    few MiB, large ones as they are), never assembled whole."""
     np.lib.format.write_array_header_1_0(
         out, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
     written, expected = 0, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -346,7 +349,10 @@ def _coalesced(blocks: Iterator[np.ndarray], size: int = _WRITE_BYTES) -> Iterat
     pending: list[np.ndarray] = []
     held = 0
     for block in blocks:
-        if block.nbytes >= size and not pending:
+        if block.nbytes >= size:
+            if pending:
+                yield np.concatenate(pending)
+                pending, held = [], 0
             yield block
             continue
         pending.append(block)

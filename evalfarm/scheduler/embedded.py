@@ -1,15 +1,13 @@
 """The embedded runner behind `evalfarm eval`: the farm's plan → shards → reduce, in this process.
 
 No Redis, no Postgres: SQLite records the job, and the shards' partials are the farm's files, in a private
-directory under the evalfarm home that the run removes (held in memory, a million samples' partials would
-be tens of GB). Because it calls the same `plan_job`, `run_shard` and `reduce_job` as the Celery tasks, a
+directory under the evalfarm home (`scheduler.spill`; held in memory, a million samples' partials would be
+tens of GB). Because it calls the same `plan_job`, `run_shard` and `reduce_job` as the Celery tasks, a
 result here equals the farm's.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from evalfarm.scheduler import records
 from evalfarm.scheduler.context import Context, embedded_context
 from evalfarm.scheduler.ends import fail_job
 from evalfarm.scheduler.job import EMBEDDED
+from evalfarm.scheduler.spill import spill_directory
 from evalfarm.scheduler.steps import plan_job, reduce_job, run_prc_tile, run_shard
 from evalfarm.settings import Settings, get_settings
 
@@ -54,15 +53,10 @@ def run_embedded(
     settings = settings or get_settings()
     paths = {**(extractor_weights or {}), **({INCEPTION: weights} if weights else {})}
     w = {name: load_weights_for(settings, name, paths.get(name)) for name in config.featurizers}
-    spill_root = Path(settings.home).expanduser() / "spill"
-    spill_root.mkdir(parents=True, exist_ok=True)
-    spill = tempfile.mkdtemp(prefix="partials-", dir=spill_root)
-    try:
+    with spill_directory(Path(settings.home).expanduser() / "spill") as spill:
         return _run(embedded_context(settings, spill), samples, ref, config, w, settings=settings, device=device,
                     kind=kind, reference_name=reference_name, run=run, step=step, tags=tags, progress=progress,
                     num_workers=num_workers, on_job=on_job)
-    finally:
-        shutil.rmtree(spill, ignore_errors=True)
 
 
 def _run(ctx: Context, samples: str, ref: str | None, config: EvalConfig, w: dict[str, Weights], *,

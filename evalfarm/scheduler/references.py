@@ -9,7 +9,6 @@ arrays, checked on every read: a cache file that fails it is never used, but rep
 from __future__ import annotations
 
 import logging
-import zipfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,7 +16,7 @@ import numpy as np
 from evalfarm.errors import EvalfarmError, ReferenceMismatchError, SourceError
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
-from evalfarm.scheduler.row_files import NpyFileRows, npz_member_at
+from evalfarm.scheduler.row_files import NpyFileRows, npz_member
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import reason
 
@@ -63,6 +62,10 @@ def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: s
     check_compatible(what, stats.meta.get("weights_sha256"), stats.meta.get("resize"), weights_sha256, resize)
     if "sha256" not in stats.meta:  # written before caches carried digests: sealed now, checked from now on
         log.warning("cached reference statistics %s carry no digest (an older evalfarm wrote them); adding one", path)
+        try:  # read whole once, so that the zip's own checksums vouch for what is sealed
+            stats = FeatureStats.from_bytes(store.get_bytes(key))
+        except Exception as exc:
+            raise CorruptCache(path, f"unreadable ({type(exc).__name__})") from exc
         store_reference(store, key, stats, content_hash=stats.meta.get("content_hash", ""),
                         weights_sha256=weights_sha256, resize=resize)
     elif stats.meta["sha256"] != stats.digest():
@@ -76,18 +79,15 @@ def _read(store: FeatureStore, key: str) -> FeatureStats:
     local = store.local_path(key)
     if local is None:
         return FeatureStats.from_bytes(store.get_bytes(key))
-    stats = FeatureStats.load(local, features=False)
-    at = npz_member_at(local, "features.npy")
-    if at is not None:
-        stats.attach_features(NpyFileRows(local, at))
-    elif stats.n and _has_member(local, "features.npy"):  # compressed by some other writer: read whole
-        stats = FeatureStats.load(local)
+    with open(local, "rb") as f:  # one open file for the arrays and the rows, whatever replaces the path
+        stats = FeatureStats.load(f, features=False)
+        member = npz_member(f, "features.npy")
+        if member is not None:
+            stats.attach_features(NpyFileRows(f, member))
+        else:  # no rows, or rows compressed by some other writer: read as numpy reads them
+            f.seek(0)
+            stats = FeatureStats.load(f)
     return stats
-
-
-def _has_member(path: str, name: str) -> bool:
-    with zipfile.ZipFile(path) as z:
-        return name in z.namelist()
 
 
 def check_compatible(what: str, ref_weights: str | None, ref_resize: str | None, weights: str, resize: str) -> None:
