@@ -17,6 +17,7 @@ KID, and only the lost-partial test (and the undisturbed run it is compared to) 
 from __future__ import annotations
 
 import hashlib
+import tarfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,12 @@ from evalfarm.keys import INCEPTION, JOB_EVAL, METRIC_KEYS
 from evalfarm.metrics import FeatureStats
 from evalfarm.models import FeatureExtractor, Weights
 from evalfarm.models.weights import file_sha256
-from evalfarm.scheduler import deadlines, records
+from evalfarm.scheduler import deadlines, records, steps
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.ends import cancel_job, fail_job, sweep
 from evalfarm.scheduler.job import EMBEDDED
 from evalfarm.scheduler.partials import LocalPartials, PartialStore
-from evalfarm.scheduler.plan import REFERENCE, SAMPLES
+from evalfarm.scheduler.plan import REFERENCE, SAMPLES, index_key
 from evalfarm.scheduler.queries import farm_totals
 from evalfarm.scheduler.records import ShardClaim
 from evalfarm.scheduler.steps import (
@@ -52,6 +53,7 @@ from evalfarm.scheduler.steps import (
     run_shard,
 )
 from evalfarm.scheduler.store import FeatureStore
+from evalfarm.sources import TarSource
 
 from .helpers import write_images
 
@@ -724,3 +726,29 @@ def test_a_plan_message_that_could_not_be_sent_is_sent_on_the_next_pass(
     assert find_lost_work(ctx).queued == [unsent]
     assert find_lost_work(ctx).queued == []  # sent now: its deadline starts again
     assert records.get_job(ctx.sessions, waiting).state == JobState.QUEUED
+
+
+# -- a tar is listed once, by the planner ----------------------------------------------------------------------------
+
+
+def test_shards_of_a_tar_open_it_from_the_planner_s_index_and_give_the_folder_s_numbers(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor, expected: dict[str, float],
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tars = []
+    for folder in image_sets:  # the same files, in a tar
+        tars.append(str(tmp_path / f"{Path(folder).name}.tar"))
+        with tarfile.open(tars[-1], "w") as tar:
+            for image in sorted(Path(folder).iterdir()):
+                tar.add(image, arcname=image.name)
+    job_id = planned_job(ctx, (tars[0], tars[1]), extractor, WITH_FID)
+    plan = records.get_job(ctx.sessions, job_id).plan
+    assert all(ctx.store.exists(index_key(plan.side(side).content_hash)) for side in (SAMPLES, REFERENCE))
+
+    def no_listing(self, raw):  # what a worker is spared: reading every member's header again
+        raise AssertionError("a shard listed the tar again")
+
+    monkeypatch.setattr(TarSource, "_list_members", no_listing)
+    steps._open_cached.cache_clear()  # a worker process that has not opened the tar yet
+    run_all(ctx, job_id, extractor)
+    assert_reproduces(reduce_job(ctx, job_id).result, expected)

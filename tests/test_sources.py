@@ -489,3 +489,52 @@ def test_pickled_fsspec_source_reads_the_same_images(memfs: Any, sample_sets: di
     source = open_source(f"memory://{prefix}/images.zip")
     first = source.load(0)
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(source)).load(0), first)
+
+
+# -- a tar's member index, listed once and handed to other processes ------------------------------------------------
+
+
+class _NoListing(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar_gz"])
+def test_a_tar_opened_from_its_index_is_not_listed_and_reads_the_same_images(
+    sample_sets: dict[str, Path], images: np.ndarray, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    index = open_source(str(sample_sets[kind])).index()
+
+    def no_listing(self, raw):  # the one thing an index saves: reading every member's header
+        raise _NoListing
+
+    monkeypatch.setattr(TarSource, "_list_members", no_listing)
+    source = open_source(str(sample_sets[kind]), index=index)
+    np.testing.assert_array_equal(_stack(source), images)
+    assert source.name_of(3).endswith("imgs/003.png")
+
+
+def test_an_index_of_a_tar_that_changed_since_is_not_used(tmp_path: Path, sample_sets: dict[str, Path],
+                                                          images: np.ndarray) -> None:
+    path = Path(shutil.copy(sample_sets["tar"], tmp_path / "set.tar"))
+    index = open_source(str(path)).index()
+    members = {f"imgs/{i:03d}.png": _png(img) for i, img in enumerate(images[::-1])}  # same names, other images
+    path.write_bytes(_tar_bytes(members))  # rewritten in place: same inode, same size, a later time
+    later = path.stat().st_mtime_ns + 1_000_000_000
+    os.utime(path, ns=(later, later))
+    np.testing.assert_array_equal(_stack(open_source(str(path), index=index)), images[::-1])
+    replaced = tmp_path / "new.tar"  # replaced by a rename: another inode
+    replaced.write_bytes(_tar_bytes({f"imgs/{i:03d}.png": _png(img) for i, img in enumerate(images)}))
+    os.utime(replaced, ns=(later, later))
+    os.replace(replaced, path)
+    np.testing.assert_array_equal(_stack(open_source(str(path), index=index)), images)
+
+
+@pytest.mark.parametrize("index", [b"not an index", b""])
+def test_a_damaged_index_means_listing_the_tar_again(sample_sets: dict[str, Path], images: np.ndarray,
+                                                     index: bytes) -> None:
+    np.testing.assert_array_equal(_stack(open_source(str(sample_sets["tar"]), index=index)), images)
+
+
+def test_other_sources_have_no_index(sample_sets: dict[str, Path]) -> None:
+    assert {k: open_source(str(p)).index() for k, p in sample_sets.items() if not k.startswith("tar")} == \
+        {k: None for k in sample_sets if not k.startswith("tar")}

@@ -23,7 +23,7 @@ from evalfarm.scheduler.references import (
     reference_key,
 )
 from evalfarm.scheduler.store import FeatureStore
-from evalfarm.sources import SampleRoots, open_source
+from evalfarm.sources import SampleRoots, Source, open_source
 
 SAMPLES, REFERENCE = "samples", "reference"
 SIDES = (SAMPLES, REFERENCE)
@@ -114,7 +114,19 @@ def shard_ranges(n: int, shard_size: int) -> tuple[tuple[int, int], ...]:
     return tuple((s, min(s + shard_size, n)) for s in range(0, n, shard_size))
 
 
-def plan_samples(uri: str, config: EvalConfig, roots: SampleRoots) -> SidePlan:
+def index_key(content_hash: str) -> str:
+    """Where a sample set's listing is kept (`Source.index`), by content: the planner lists a tar once, and
+    the workers that featurize its shards open it from this instead of listing it again."""
+    return f"indexes/{content_hash[:32]}.npz"
+
+
+def keep_index(store: FeatureStore | None, source: Source, content_hash: str) -> None:
+    index = source.index()
+    if store is not None and index is not None and not store.exists(index_key(content_hash)):
+        store.put_bytes(index_key(content_hash), index)
+
+
+def plan_samples(uri: str, config: EvalConfig, roots: SampleRoots, store: FeatureStore | None = None) -> SidePlan:
     source = open_source(uri, roots=roots)
     n = len(source)
     if "is" in config.metrics and n < config.splits:
@@ -122,7 +134,9 @@ def plan_samples(uri: str, config: EvalConfig, roots: SampleRoots) -> SidePlan:
             f"Inception Score with {config.splits} splits needs at least {config.splits} samples; "
             f"{uri} has {n}. Pass --splits {n} or fewer."
         )
-    return SidePlan(uri, n, source.content_hash(), SideSource.SHARDS, shards=shard_ranges(n, config.shard_size))
+    content_hash = source.content_hash()
+    keep_index(store, source, content_hash)
+    return SidePlan(uri, n, content_hash, SideSource.SHARDS, shards=shard_ranges(n, config.shard_size))
 
 
 def plan_reference(
@@ -164,6 +178,7 @@ def plan_reference(
     keys = {e: reference_key(content_hash, weights[e], config.resize) for e in extractors}
     if config.cache and all(store.exists(k) for k in keys.values()):
         return SidePlan(ref, len(source), content_hash, SideSource.STORED, store_keys=keys)
+    keep_index(store, source, content_hash)
     return SidePlan(ref, len(source), content_hash, SideSource.SHARDS, store_keys=keys,
                     shards=shard_ranges(len(source), config.shard_size))
 

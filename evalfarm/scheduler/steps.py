@@ -32,6 +32,7 @@ from evalfarm.scheduler.plan import (
     SidePlan,
     SideSource,
     check_sizes,
+    index_key,
     plan_reference,
     plan_samples,
     shard_ranges,
@@ -44,6 +45,7 @@ from evalfarm.scheduler.references import (
     reference_key,
     store_reference,
 )
+from evalfarm.scheduler.store import FeatureStore
 from evalfarm.scheduler.tokens import LOCAL_SUBMITTER
 from evalfarm.sources import SampleRoots, Source, open_source
 
@@ -102,7 +104,7 @@ def _plan(ctx: Context, job_id: str, weights_of: WeightsOf) -> list[tuple[str, i
             f"{inception[:12]}…; point EVALFARM_WEIGHTS on the workers at that file, or submit without the pin."
         )
     roots = read_policy(ctx, job)
-    samples = plan_samples(job.samples_uri, config, roots)
+    samples = plan_samples(job.samples_uri, config, roots, ctx.store)
     reference = None
     if not job.is_reference_job and job.reference_uri and config.needs_reference:
         named = records.named_reference(ctx.sessions, job.reference_uri)
@@ -132,8 +134,15 @@ def read_policy(ctx: Context, job: JobSnapshot) -> SampleRoots:
 
 
 @functools.lru_cache(maxsize=8)
-def _open_cached(uri: str, roots: SampleRoots) -> Source:
-    return open_source(uri, roots=roots)
+def _open_cached(uri: str, roots: SampleRoots, store: FeatureStore, content_hash: str | None) -> Source:
+    """A shard's source, opened once per process: from the planner's listing when it kept one (a tar's)."""
+    index = None
+    if content_hash is not None:
+        try:
+            index = store.get_bytes(index_key(content_hash))
+        except FileNotFoundError:
+            pass
+    return open_source(uri, roots=roots, index=index)
 
 
 def run_shard(
@@ -167,7 +176,7 @@ def run_shard(
     job = claim.job
     side_plan = job.plan.side(side)  # its uri is the resolved one (a named reference's images, not its name)
     uri, n_side = side_plan.uri, side_plan.n
-    source = _open_cached(uri, read_policy(ctx, job))
+    source = _open_cached(uri, read_policy(ctx, job), ctx.store, side_plan.content_hash)
     if len(source) != n_side:
         raise SourceError(f"{uri} changed since the job was planned: it had {n_side} images, now {len(source)}.")
     config, split_ids = job.config, None

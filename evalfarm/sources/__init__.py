@@ -34,22 +34,24 @@ ACCEPTED_KINDS = (
 )
 
 
-def open_source(uri: str, *, recursive: bool = True, roots: SampleRoots | None = None) -> Source:
+def open_source(uri: str, *, recursive: bool = True, roots: SampleRoots | None = None,
+                index: bytes | None = None) -> Source:
     """Open a sample set by its kind; fails early, naming the path, on anything it could not evaluate.
 
     `uri` is a local path or an fsspec URL (`s3://`, `gs://`, `memory://`, `file://` ...). `recursive` only
     applies to folders. An empty set is an error here rather than a metric computed on nothing. With
-    `roots`, nothing outside them is read: NotAllowed before the first access (see `sources.roots`).
+    `roots`, nothing outside them is read: NotAllowed before the first access (see `sources.roots`). `index`
+    is what `index()` of the same archive gave in another process: used if it still describes the file.
     """
     if roots is not None:
         roots.check(uri)
-    source = _construct(uri, recursive, roots)
+    source = _construct(uri, recursive, roots, index)
     if len(source) == 0:
         raise SourceError(source.describe_empty())
     return source
 
 
-def _construct(uri: str, recursive: bool, roots: SampleRoots | None) -> Source:
+def _construct(uri: str, recursive: bool, roots: SampleRoots | None, index: bytes | None) -> Source:
     if is_url(uri):
         fs, path = url_to_fs(uri)
         try:
@@ -68,7 +70,7 @@ def _construct(uri: str, recursive: bool, roots: SampleRoots | None) -> Source:
     if name.endswith(_ARRAY_SUFFIXES):
         return ArraySource(uri)
     if name.endswith(_TAR_SUFFIXES):
-        return TarSource(uri)
+        return TarSource(uri, index)
     if name.endswith(_ZIP_SUFFIXES):
         return ZipSource(uri)
     raise SourceError(f"{uri} is not a supported sample set; expected {ACCEPTED_KINDS}")

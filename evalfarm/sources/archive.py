@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import tarfile
@@ -23,6 +24,14 @@ from evalfarm.sources.base import (
     sha256_file,
 )
 
+_INDEX_VERSION = 1
+
+
+def _file_stamp(path: str) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten: its inode, size and modification time."""
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
 
 class _ArchiveSource(Source):
     """Regular image-file members sorted by full member name; dot-files (`__MACOSX/._x.png`) skipped.
@@ -34,12 +43,18 @@ class _ArchiveSource(Source):
     _handle_attrs = ("_archive", "_raw")
     _kind = "archive"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, index: bytes | None = None) -> None:
         super().__init__(uri)
         self._remote = is_url(uri)
         self._path = uri if self._remote else os.path.expanduser(uri)
         if not self._remote and not os.path.isfile(self._path):
             raise SourceError(f"{uri} is not a file")
+        self._stat = None if self._remote else _file_stamp(self._path)
+        if index is not None:
+            members = self._members_from_index(index)
+            if members is not None:
+                self._members = members
+                return
         raw = open_binary(self._path)
         try:
             self._members: list[Any] = self._list_members(raw)
@@ -52,6 +67,10 @@ class _ArchiveSource(Source):
 
     def _list_members(self, raw: IO[bytes]) -> list[Any]:
         raise NotImplementedError
+
+    def _members_from_index(self, index: bytes) -> list[Any] | None:
+        """The members `index` lists, or None when it is not an index of this very file (then it is rescanned)."""
+        return None
 
     def _open_archive(self, raw: IO[bytes]) -> Any:
         raise NotImplementedError
@@ -124,6 +143,38 @@ class TarSource(_ArchiveSource):
 
     def _member_name(self, member: tarfile.TarInfo) -> str:
         return member.name
+
+    # Listing a tar reads every member's header: about 40 s for a million members, in each process that opens
+    # it. The index is the listing as arrays, stamped with the file's size and modification time: a file
+    # replaced or touched since is rescanned, never read at stale offsets.
+
+    def index(self) -> bytes | None:
+        if self._stat is None:
+            return None
+        names = "\0".join(m.name for m in self._members).encode("utf-8", "surrogateescape")
+        where = np.array([[m.offset, m.offset_data, m.size] for m in self._members], np.int64).reshape(-1, 3)
+        buf = io.BytesIO()
+        np.savez(buf, version=np.int64(_INDEX_VERSION), stamp=np.array(self._stat, np.int64),
+                 names=np.frombuffer(names, np.uint8), where=where)
+        return buf.getvalue()
+
+    def _members_from_index(self, index: bytes) -> list[tarfile.TarInfo] | None:
+        try:
+            with np.load(io.BytesIO(index), allow_pickle=False) as z:
+                if int(z["version"]) != _INDEX_VERSION or tuple(z["stamp"].tolist()) != self._stat:
+                    return None
+                names = z["names"].tobytes().decode("utf-8", "surrogateescape").split("\0")
+                where = z["where"]
+        except Exception:  # not an index (damaged, foreign): the archive is listed instead
+            return None
+        if where.ndim != 2 or where.shape != (len(names), 3) or (len(names) == 1 and not names[0]):
+            return None
+        members = []
+        for name, (offset, offset_data, size) in zip(names, where.tolist(), strict=True):
+            info = tarfile.TarInfo(name)
+            info.offset, info.offset_data, info.size, info.type = offset, offset_data, size, tarfile.REGTYPE
+            members.append(info)
+        return members
 
 
 class ZipSource(_ArchiveSource):

@@ -162,6 +162,11 @@ class Source(abc.ABC):
             self._hash = self._compute_hash()
         return self._hash
 
+    def index(self) -> bytes | None:
+        """What another process can open this source from without listing it again (`open_source(index=)`),
+        where listing is costly: a tar's member index. None for the others."""
+        return None
+
     def describe_empty(self) -> str:
         """The message `open_source` gives when there is nothing to read; subclasses say where they looked."""
         return f"{self.uri} contains no images"
