@@ -538,3 +538,40 @@ def test_a_damaged_index_means_listing_the_tar_again(sample_sets: dict[str, Path
 def test_other_sources_have_no_index(sample_sets: dict[str, Path]) -> None:
     assert {k: open_source(str(p)).index() for k, p in sample_sets.items() if not k.startswith("tar")} == \
         {k: None for k in sample_sets if not k.startswith("tar")}
+
+
+def _tampered(index: bytes, **changes: Any) -> bytes:
+    with np.load(io.BytesIO(index), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    for key, change in changes.items():
+        arrays[key] = change(arrays[key])
+    return _npz_bytes(np.savez, **arrays)
+
+
+def _renamed(names: np.ndarray) -> np.ndarray:
+    text = names.tobytes().decode().split("\0")
+    text[0] = "../notes.txt"
+    return np.frombuffer("\0".join(text).encode(), np.uint8)
+
+
+@pytest.mark.parametrize("change", [
+    {"where": lambda w: w + np.array([0, 0, 10**9])},  # sizes past the end of the file
+    {"where": lambda w: np.concatenate([w[:1], w[:1], w[2:]])},  # one member's bytes under two names
+    {"names": _renamed},  # a name listing would never give
+], ids=["past-the-end", "duplicate-offsets", "not-an-image-name"])
+def test_an_index_that_listing_could_not_give_is_not_used(sample_sets: dict[str, Path], images: np.ndarray,
+                                                         change: dict) -> None:
+    index = _tampered(open_source(str(sample_sets["tar"])).index(), **change)
+    source = open_source(str(sample_sets["tar"]), index=index)
+    np.testing.assert_array_equal(_stack(source), images)
+
+
+def test_an_archive_replaced_after_it_was_listed_is_refused_when_read(tmp_path: Path, sample_sets: dict[str, Path],
+                                                                       images: np.ndarray) -> None:
+    path = Path(shutil.copy(sample_sets["tar"], tmp_path / "set.tar"))
+    source = open_source(str(path))
+    replacement = tmp_path / "new.tar"
+    replacement.write_bytes(_tar_bytes({f"imgs/{i:03d}.png": _png(img) for i, img in enumerate(images[::-1])}))
+    os.replace(replacement, path)
+    with pytest.raises(SourceError, match="changed since it was listed"):
+        source.load(0)

@@ -33,3 +33,11 @@ def test_a_killed_run_s_directory_is_removed_by_the_next_run(tmp_path: Path) -> 
     with spill_directory(tmp_path) as spill:
         assert not left.exists()
         assert [p.name for p in tmp_path.iterdir()] == [Path(spill).name]
+
+
+def test_a_sweep_passes_over_what_is_not_a_run_s_directory(tmp_path: Path) -> None:
+    with spill_directory(tmp_path) as spill:
+        stray = tmp_path / (Path(spill).name[:-3] + "txt")  # this host's prefix, but a file
+        stray.write_text("not a directory")
+        assert sweep(tmp_path) == []
+        assert stray.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +25,8 @@ from evalfarm.scheduler.references import (
 )
 from evalfarm.scheduler.store import FeatureStore
 from evalfarm.sources import SampleRoots, Source, open_source
+
+log = logging.getLogger(__name__)
 
 SAMPLES, REFERENCE = "samples", "reference"
 SIDES = (SAMPLES, REFERENCE)
@@ -121,9 +124,14 @@ def index_key(content_hash: str) -> str:
 
 
 def keep_index(store: FeatureStore | None, source: Source, content_hash: str) -> None:
-    index = source.index()
-    if store is not None and index is not None and not store.exists(index_key(content_hash)):
-        store.put_bytes(index_key(content_hash), index)
+    """Written on every plan (the same content may be another file since, with another stamp); a store that
+    refuses it costs the workers time, not the job."""
+    index = source.index() if store is not None else None
+    if index is not None:
+        try:
+            store.put_bytes(index_key(content_hash), index)
+        except Exception as exc:
+            log.warning("cannot keep the listing of %s in the feature store (%s); each worker lists it", source.uri, exc)
 
 
 def plan_samples(uri: str, config: EvalConfig, roots: SampleRoots, store: FeatureStore | None = None) -> SidePlan:

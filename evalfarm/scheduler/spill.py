@@ -2,22 +2,30 @@
 behind by a run that was killed (at a million samples they hold gigabytes).
 
 A run holds an exclusive `flock` on its directory's lock file for its whole life. The kernel drops the lock
-when the process dies however it dies, so a directory whose lock can be taken belongs to no live run.
+when the process dies however it dies, so a directory whose lock can be taken belongs to no live run. The
+directories are named by host, and a run sweeps only its own host's: on a home shared over NFS, a lock may
+be local to each client. Where the filesystem has no locks, nothing is swept and runs go on unlocked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
+import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 _LOCK = ".lock"
-_UNLOCKED_GRACE_S = 3600.0  #: a directory without its lock file this old was left by a run killed at birth
+
+log = logging.getLogger(__name__)
+
+
+def _prefix() -> str:
+    return f"partials-{socket.gethostname()}-"
 
 
 @contextlib.contextmanager
@@ -26,11 +34,15 @@ def spill_directory(root: Path) -> Iterator[str]:
     dead runs under `root` are removed first."""
     root.mkdir(parents=True, exist_ok=True)
     sweep(root)
-    path = Path(tempfile.mkdtemp(prefix="partials-", dir=root))
+    path = Path(tempfile.mkdtemp(prefix=_prefix(), dir=root))
     fd = os.open(path / f"{_LOCK}.new", os.O_CREAT | os.O_RDWR, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(path / f"{_LOCK}.new", path / _LOCK)  # a sweep sees the lock file only once it is held
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # no locks on this filesystem: unlocked, and never swept (see `sweep`)
+            log.warning("cannot lock %s (%s); it is removed at the end of this run only", path, exc)
+        else:
+            os.rename(path / f"{_LOCK}.new", path / _LOCK)  # a sweep sees the lock file only once it is held
         yield str(path)
     finally:
         shutil.rmtree(path, ignore_errors=True)
@@ -40,18 +52,15 @@ def spill_directory(root: Path) -> Iterator[str]:
 def sweep(root: Path) -> list[Path]:
     """Remove the directories under `root` that no live run holds; returns them."""
     removed = []
-    for path in sorted(root.glob("partials-*")):
+    for path in sorted(root.glob(f"{_prefix()}*")):
         try:
             fd = os.open(path / _LOCK, os.O_RDWR)
-        except FileNotFoundError:  # being created this instant, or its run was killed before it locked
-            if time.time() - path.stat().st_mtime > _UNLOCKED_GRACE_S:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(path)
+        except OSError:  # being created this instant, unlockable, gone meanwhile (swept by another run)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live run's
+        except OSError:  # held by a live run (or no locks here): left alone
+            continue
         else:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)

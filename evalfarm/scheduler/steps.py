@@ -134,14 +134,16 @@ def read_policy(ctx: Context, job: JobSnapshot) -> SampleRoots:
 
 
 @functools.lru_cache(maxsize=8)
-def _open_cached(uri: str, roots: SampleRoots, store: FeatureStore, content_hash: str | None) -> Source:
+def _open_cached(uri: str, roots: SampleRoots, store_root: str, content_hash: str | None) -> Source:
     """A shard's source, opened once per process: from the planner's listing when it kept one (a tar's)."""
     index = None
     if content_hash is not None:
         try:
-            index = store.get_bytes(index_key(content_hash))
+            index = FeatureStore(store_root).get_bytes(index_key(content_hash))
         except FileNotFoundError:
             pass
+        except Exception as exc:  # the index only saves time: without it, the source is listed
+            log.warning("cannot read the listing of %s from the feature store (%s); listing it", uri, exc)
     return open_source(uri, roots=roots, index=index)
 
 
@@ -176,7 +178,7 @@ def run_shard(
     job = claim.job
     side_plan = job.plan.side(side)  # its uri is the resolved one (a named reference's images, not its name)
     uri, n_side = side_plan.uri, side_plan.n
-    source = _open_cached(uri, read_policy(ctx, job), ctx.store, side_plan.content_hash)
+    source = _open_cached(uri, read_policy(ctx, job), ctx.store.root, side_plan.content_hash)
     if len(source) != n_side:
         raise SourceError(f"{uri} changed since the job was planned: it had {n_side} images, now {len(source)}.")
     config, split_ids = job.config, None

@@ -27,9 +27,10 @@ from evalfarm.sources.base import (
 _INDEX_VERSION = 1
 
 
-def _file_stamp(path: str) -> tuple[int, int, int]:
-    """What changes when a file is replaced or rewritten: its inode, size and modification time."""
-    st = os.stat(path)
+def _file_stamp(file: str | int) -> tuple[int, int, int]:
+    """What changes when a file is replaced or rewritten: its inode, size and modification time (as make and
+    rsync judge it; not the device, which differs between the clients of one network filesystem)."""
+    st = os.stat(file)
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -95,6 +96,8 @@ class _ArchiveSource(Source):
                 if self._archive is None:
                     raw = open_binary(self._path)
                     try:
+                        if self._stat is not None and _file_stamp(raw.fileno()) != self._stat:
+                            raise SourceError("the file changed since it was listed (replaced or rewritten)")
                         self._archive = self._open_archive(raw)
                     except BaseException:
                         raw.close()
@@ -144,12 +147,13 @@ class TarSource(_ArchiveSource):
     def _member_name(self, member: tarfile.TarInfo) -> str:
         return member.name
 
-    # Listing a tar reads every member's header: about 40 s for a million members, in each process that opens
-    # it. The index is the listing as arrays, stamped with the file's size and modification time: a file
-    # replaced or touched since is rescanned, never read at stale offsets.
+    # Listing a tar reads every member's header: tens of seconds for a million members, in each process that
+    # opens it. The index is the listing as arrays, stamped with the file's inode, size and modification time:
+    # an index of another file, or of this file before it changed, is not used, and a file that changes after
+    # it was opened is refused when it is read (`load` compares the stamp of the file it opens).
 
     def index(self) -> bytes | None:
-        if self._stat is None:
+        if self._stat is None or any(m.sparse is not None for m in self._members):  # sparse: the listing's own
             return None
         names = "\0".join(m.name for m in self._members).encode("utf-8", "surrogateescape")
         where = np.array([[m.offset, m.offset_data, m.size] for m in self._members], np.int64).reshape(-1, 3)
@@ -169,6 +173,11 @@ class TarSource(_ArchiveSource):
             return None
         if where.ndim != 2 or where.shape != (len(names), 3) or (len(names) == 1 and not names[0]):
             return None
+        offset, offset_data, size = where[np.argsort(where[:, 0], kind="stable")].T  # in file order
+        if (names != sorted(set(names)) or any(is_hidden(n) or not has_image_extension(n) for n in names)
+                or (offset < 0).any() or (offset_data < offset + tarfile.BLOCKSIZE).any() or (size < 0).any()
+                or (offset_data[:-1] + size[:-1] > offset[1:]).any()):
+            return None  # not what listing this file gives (names, or members that overlap): listed instead
         members = []
         for name, (offset, offset_data, size) in zip(names, where.tolist(), strict=True):
             info = tarfile.TarInfo(name)
