@@ -142,7 +142,7 @@ class LocalPartials:
         return data if data is not None and _digest(data) == digest else None
 
     def blob_names(self, job_id: str) -> set[str]:
-        return {n for j, n in self._digests if j == job_id}
+        return {n for j, n in (self._digests if self.store is not None else self._blobs) if j == job_id}
 
     def lease(self, job_id: str, name: str, ttl_s: float, *, renew: bool = False) -> bool:
         now = time.monotonic()
