@@ -123,22 +123,16 @@ class LocalPartials:
     def put_blob(self, job_id: str, name: str, data: bytes) -> None:
         if self.store is None:
             self._blobs[(job_id, name)] = data
+            self._digests[(job_id, name)] = _digest(data)
         else:
-            self.store.put_bytes(_blob_file(job_id, name), data)
-        self._digests[(job_id, name)] = _digest(data)
+            self._digests[(job_id, name)] = write_blob(self.store, job_id, name, data)
 
     def get_blob(self, job_id: str, name: str) -> bytes | None:
         """Checked against its digest as the farm's store checks it: bytes altered after `put` count as lost."""
         digest = self._digests.get((job_id, name))
-        if digest is None:
-            return None
-        if self.store is None:
-            data = self._blobs.get((job_id, name))
-        else:
-            try:
-                data = self.store.get_bytes(_blob_file(job_id, name))
-            except FileNotFoundError:
-                return None
+        if self.store is not None:
+            return read_blob(self.store, job_id, name, digest)
+        data = self._blobs.get((job_id, name))
         return data if data is not None and _digest(data) == digest else None
 
     def blob_names(self, job_id: str) -> set[str]:
@@ -180,6 +174,23 @@ def _what(extractor: str, what: str) -> str:
 
 def _blob_file(job_id: str, name: str) -> str:
     return f"jobs/{job_id}/blobs/{name}"
+
+
+def write_blob(store: FeatureStore, job_id: str, name: str, data: bytes) -> str:
+    """Store a reducer's intermediate result; returns its digest, for the record."""
+    store.put_bytes(_blob_file(job_id, name), data)
+    return _digest(data)
+
+
+def read_blob(store: FeatureStore, job_id: str, name: str, digest: str | None) -> bytes | None:
+    """The blob recorded with `digest`, or None when it was never recorded, is missing or differs."""
+    if digest is None:
+        return None
+    try:
+        data = store.get_bytes(_blob_file(job_id, name))
+    except FileNotFoundError:
+        return None
+    return data if _digest(data) == digest else None
 
 
 def _write_hashed(store: FeatureStore, key: str, write: Callable[[HashingWriter], None]) -> str:
@@ -291,21 +302,15 @@ class RedisPartials:
         return f"evalfarm:partial:{job_id}:blobs"
 
     def put_blob(self, job_id: str, name: str, data: bytes) -> None:
-        self.store.put_bytes(_blob_file(job_id, name), data)
+        digest = write_blob(self.store, job_id, name, data)
         with self.redis.pipeline() as p:
-            p.hset(self._blobs(job_id), name, _digest(data))
+            p.hset(self._blobs(job_id), name, digest)
             p.expire(self._blobs(job_id), self.ttl_s)
             p.execute()
 
     def get_blob(self, job_id: str, name: str) -> bytes | None:
         digest = self.redis.hget(self._blobs(job_id), name)
-        if digest is None:
-            return None
-        try:
-            data = self.store.get_bytes(_blob_file(job_id, name))
-        except FileNotFoundError:
-            return None
-        return data if _digest(data) == digest.decode() else None
+        return read_blob(self.store, job_id, name, digest.decode() if digest is not None else None)
 
     def blob_names(self, job_id: str) -> set[str]:
         return {k.decode() for k in self.redis.hkeys(self._blobs(job_id))}
