@@ -61,6 +61,9 @@ class Settings:
     shard waits in a busy queue, or duplicates (harmless: steps are idempotent) cost a little work each."""
     retention_s: float = field(default_factory=lambda: float(_env("RETENTION_S", "86400")))
     """Partials and store files of a job that ended longer ago than this are removed by the reconciler."""
+    index_retention_s: float = field(default_factory=lambda: float(_env("INDEX_RETENTION_S", "604800")))
+    """A tar's listing kept for the workers (`indexes/` in the feature store) that no plan has rewritten for
+    this long is removed by the reconciler; a worker that needs it again lists the tar itself."""
 
     sample_roots: tuple[str, ...] = field(default_factory=lambda: _list("SAMPLE_ROOTS"))
     """Directories and URL prefixes the farm may read samples from (comma-separated). The API refuses any

@@ -17,7 +17,9 @@ KID, and only the lost-partial test (and the undisturbed run it is compared to) 
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,11 @@ class DigestPartials:
         self._blobs: dict[tuple[str, str, int], bytes] = {}
         self._digests: dict[tuple[str, str, int], str] = {}
 
-    def put(self, job_id: str, side: str, shard: int, parts: dict[str, FeatureStats]) -> None:
+    def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> None:
+        return None  # rows stay in the statistics, encoded with them
+
+    def put(self, job_id: str, side: str, shard: int, parts: dict[str, FeatureStats], rows: object = None) -> None:
+        assert not rows
         data = parts[INCEPTION].to_bytes()  # these jobs use Inception alone
         self._blobs[(job_id, side, shard)] = data
         self._digests[(job_id, side, shard)] = hashlib.sha256(data).hexdigest()
@@ -409,6 +415,43 @@ def test_a_cancel_while_a_shard_runs_stops_it_and_leaves_no_partial(
     assert ctx.partials.job_ids() == set()
 
 
+def shard_files(root: Path) -> list[str]:
+    """Every file under a partial store's directory, temporaries included."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_a_shard_that_fails_between_batches_leaves_no_rows_file_behind(
+    tmp_path: Path, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    ctx = make_context(tmp_path, LocalPartials(FeatureStore(str(tmp_path / "spill"))))
+    job_id = planned_job(ctx, image_sets, extractor)
+
+    def crash(seen: list[int] = []) -> None:  # noqa: B006 - the batches seen so far
+        seen.append(1)
+        if len(seen) == 2:
+            raise RuntimeError("the worker's GPU fell off the bus")
+
+    with pytest.raises(RuntimeError, match="fell off"):  # rows of the first batch were already spooled
+        run(ctx, job_id, (SAMPLES, 0), extractor, batch_size=1, on_batch=lambda _: crash())
+
+    assert shard_files(tmp_path / "spill") == []
+    assert run(ctx, job_id, (SAMPLES, 0), extractor, batch_size=1) is False  # the retry stores it whole
+    assert stored_partials(ctx, job_id) == [(SAMPLES, 0)]
+
+
+def test_a_cancel_while_a_shard_spools_its_rows_leaves_no_file(
+    tmp_path: Path, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    ctx = make_context(tmp_path, LocalPartials(FeatureStore(str(tmp_path / "spill"))))
+    job_id = planned_job(ctx, image_sets, extractor)
+
+    with pytest.raises(JobCancelled):  # no heartbeat comes within the shard: the finish is what refuses it
+        run(ctx, job_id, (SAMPLES, 0), extractor, batch_size=1, on_batch=lambda _: cancel_job(ctx, job_id))
+
+    assert records.get_job(ctx.sessions, job_id).state == JobState.CANCELLED
+    assert shard_files(tmp_path / "spill") == []
+
+
 class CancelDuringMerge(LocalPartials):
     """The in-memory store, and a user who cancels the job while the reducer reads its first partial (on the
     farm a reduce of many shards takes minutes, so a cancel then is an ordinary event, not a contrived race)."""
@@ -623,6 +666,28 @@ def test_the_janitor_removes_partials_of_jobs_that_ended_long_ago_and_keeps_live
     age_job(ctx, ended, "finished_at")
     assert sweep(ctx, retention_s=3600) == {ended}
     assert stored_partials(ctx, ended) == [] and stored_partials(ctx, live) == [ALL_SHARDS[0]]
+
+
+def test_the_janitor_removes_tar_listings_no_plan_has_rewritten_and_keeps_fresh_ones(
+    ctx: Context, tmp_path: Path
+) -> None:
+    stale, fresh = index_key("a" * 64), index_key("b" * 64)
+    for key in (stale, fresh):
+        ctx.store.put_bytes(key, b"a listing")
+    week_ago = time.time() - 8 * 24 * 3600
+    os.utime(ctx.store.local_path(stale), (week_ago, week_ago))
+
+    sweep(ctx, retention_s=3600, index_retention_s=7 * 24 * 3600)
+
+    assert not ctx.store.exists(stale)
+    assert ctx.store.exists(fresh)
+
+
+def test_a_remote_store_tells_the_janitor_its_listings_ages(tmp_path: Path) -> None:
+    store = FeatureStore(f"memory://listings-{tmp_path.name}")  # fsspec: ages from the store's own times
+    store.put_bytes(index_key("c" * 64), b"a listing")
+    assert store.modified_before("indexes", time.time() - 60) == []
+    assert store.modified_before("indexes", time.time() + 60) == [index_key("c" * 64)]
 
 
 # -- steps that an outage or a crash cut short ---------------------------------------------------------------------

@@ -157,12 +157,25 @@ def test_a_damaged_rows_file_makes_the_shard_lost_not_read(partials, damage: str
     assert store.get("rows-job", SAMPLES, 0, features=False) is not None  # its statistics are intact
 
 
-def test_a_remote_store_streams_a_shard_in_and_reads_its_rows_whole(tmp_path: Path) -> None:
-    store = LocalPartials(FeatureStore(f"memory://rows-{tmp_path.name}"))  # fsspec: nothing to map
+def test_a_remote_store_streams_a_shard_in_and_maps_its_rows_from_a_local_copy(tmp_path: Path) -> None:
+    store = LocalPartials(FeatureStore(f"memory://rows-{tmp_path.name}"))  # fsspec: nothing to map in place
     rows = shard_rows()[2]
     put_shard(store, rows)
     got = store.get("rows-job", SAMPLES, 0, features=True)
-    assert isinstance(got.rows, np.ndarray)
+    assert isinstance(got.rows, NpyFileRows)  # on local disk, mapped: a million rows do not fill memory
     assert got.features.tobytes() == rows.tobytes()
     np.testing.assert_array_equal(got.gram, FeatureStats.of(rows).gram)
+    store.drop("rows-job")
+
+
+def test_a_damaged_rows_file_in_a_remote_store_makes_the_shard_lost(tmp_path: Path) -> None:
+    files = FeatureStore(f"memory://rows-{tmp_path.name}")
+    store = LocalPartials(files)
+    put_shard(store, shard_rows()[2])
+    [path] = [p for p in files.fs.find(files.base) if p.endswith("features.npy")]
+    data = bytearray(files.fs.cat_file(path))
+    data[-1] ^= 0x40
+    files.fs.pipe_file(path, bytes(data))
+    assert store.get("rows-job", SAMPLES, 0, features=True) is None
+    assert store.get("rows-job", SAMPLES, 0, features=False) is not None
     store.drop("rows-job")

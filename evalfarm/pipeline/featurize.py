@@ -7,7 +7,8 @@ GPU is not starved by PIL. Memory stays bounded by a few batches plus the shard'
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +21,12 @@ from evalfarm.models import NUM_LOGITS, FeatureExtractor
 from evalfarm.models.featurizers import Featurizer
 from evalfarm.models.resize import resize_clean_bicubic, resize_tf_bilinear
 from evalfarm.sources import Source
+
+
+class RowSink(Protocol):
+    """Where an extractor's rows go as they are computed, instead of into its statistics (a shard's file)."""
+
+    def write(self, rows: np.ndarray) -> None: ...
 
 
 class _Failed:
@@ -87,9 +94,12 @@ def featurize_extractors(
     on_batch: Callable[[int], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     keep_features: bool | Collection[str] = True,
+    row_sinks: Mapping[str, RowSink] | None = None,
 ) -> dict[str, FeatureStats]:
     """Statistics of samples [start, stop) per extractor, each image decoded once: FID sums, feature rows, and
-    (given split ids) Inception's IS split sums. `keep_features` may name the extractors whose rows are kept."""
+    (given split ids) Inception's IS split sums. `keep_features` may name the extractors whose rows are kept;
+    an extractor in `row_sinks` sends its rows there, batch by batch, and its statistics keep none."""
+    sinks = dict(row_sinks or {})
     if not featurizers:
         raise ValueError("featurize_extractors needs at least one extractor")
     workers = default_num_workers() if num_workers is None else num_workers
@@ -104,7 +114,8 @@ def featurize_extractors(
     stats = {
         f.name: FeatureStats.new(f.dim, splits=splits if split_ids is not None and f.name == INCEPTION else 0,
                                  classes=NUM_LOGITS,
-                                 keep_features=keep_features if isinstance(keep_features, bool) else f.name in keep_features)
+                                 keep_features=f.name not in sinks and (
+                                     keep_features if isinstance(keep_features, bool) else f.name in keep_features))
         for f in featurizers
     }
     done = 0
@@ -120,6 +131,8 @@ def featurize_extractors(
             if not np.all(np.isfinite(features)):
                 bad = start + done + int(np.argwhere(~np.isfinite(features).all(axis=1))[0, 0])
                 raise MetricInputError(f"non-finite {f.name} features for {source.name_of(bad)}")
+            if f.name in sinks:  # first: the sink's thread writes them while the statistics are summed
+                sinks[f.name].write(features)
             if split_ids is not None and f.name == INCEPTION:
                 stats[f.name].add(features, f.logits(features), split_ids[done : done + n])
             else:

@@ -4,9 +4,10 @@ Keyed by (job, side, shard): a shard that runs twice overwrites its own entry an
 The farm cannot put them in Redis whole: one shard's XᵀX is 2048² float64 = 32 MiB (16 as the packed
 triangle stored), and a thousand of those would make Redis' memory unpredictable. So the shard's
 `FeatureStats` encoding and its feature rows go to the feature store as files, streamed and hashed in one
-pass, and Redis holds a small record per shard with their SHA-256 digests. A reducer that finds the record
-missing (Redis restarted or flushed), a file missing, or a digest that differs gets None, and the shard is
-recomputed instead of guessed. The embedded runner writes the same files to a private directory and keeps
+pass, and Redis holds a small record per shard with their SHA-256 digests. (A shard knows before it starts
+that its rows are kept, so it streams them to their file while it runs: `spool_rows`.) A reducer that finds
+the record missing (Redis restarted or flushed), a file missing, or a digest that differs gets None, and the
+shard is recomputed instead of guessed. The embedded runner writes the same files to a private directory and keeps
 the records in memory (`LocalPartials`), so its memory, too, does not grow with the number of shards.
 
 A shard of a job with several extractors leaves one `FeatureStats` per extractor, all in one record, so
@@ -16,30 +17,36 @@ that they are written, replaced and lost together.
 from __future__ import annotations
 
 import hashlib
-import io
 import math
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.row_files import NpyFileRows
+from evalfarm.scheduler.row_spool import RowSpool
 from evalfarm.scheduler.store import FeatureStore, HashingWriter
 
 if TYPE_CHECKING:
     import redis
 
 PARTIAL_TTL_S = 7 * 24 * 3600  #: partials of an abandoned job expire; a finished job deletes its own
+FETCH_BLOCK = 8 << 20  #: bytes read per request when a remote store's rows file is copied to local disk
 
 
 class PartialStore(Protocol):
     """The seam between a shard and the reducer. Implementations must make `put` an overwrite."""
 
-    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
-        """Record a finished shard's statistics per extractor (with feature rows, when kept)."""
+    def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> RowSpool | None:
+        """A file to write the shard's rows of `extractor` into while it runs, handed back to `put` (or
+        aborted); None when this store keeps rows in the statistics instead."""
+
+    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
+            rows: Mapping[str, RowSpool] | None = None) -> None:
+        """Record a finished shard's statistics per extractor, with its feature rows when kept: in the
+        statistics, or in `rows`, the spools of this shard, which `put` closes."""
 
     def get(self, job_id: str, side: str, shard: int, *, features: bool,
             extractor: str = INCEPTION) -> FeatureStats | None:
@@ -91,11 +98,17 @@ class LocalPartials:
         self._leases: dict[tuple[str, str], float] = {}
         self._attempts: dict[tuple[str, str], int] = {}
 
-    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
+    def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> RowSpool | None:
+        return None if self.store is None else spool_shard_rows(self.store, job_id, side, shard, extractor, n, dim)
+
+    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
+            rows: Mapping[str, RowSpool] | None = None) -> None:
         if self.store is None:
+            if rows:
+                raise ValueError("rows spooled to a partial store that keeps no files")
             self._items[(job_id, side, shard)] = dict(parts)
         else:
-            self._records[(job_id, side, shard)] = write_shard_files(self.store, job_id, side, shard, parts)
+            self._records[(job_id, side, shard)] = write_shard_files(self.store, job_id, side, shard, parts, rows)
 
     def get(self, job_id: str, side: str, shard: int, *, features: bool,
             extractor: str = INCEPTION) -> FeatureStats | None:
@@ -195,15 +208,34 @@ def read_blob(store: FeatureStore, job_id: str, name: str, digest: str | None) -
 
 def _write_hashed(store: FeatureStore, key: str, write: Callable[[HashingWriter], None]) -> str:
     with store.writer(key) as f:
-        hashed = HashingWriter(f)
-        write(hashed)
+        hashed = HashingWriter(f, threaded=True)
+        try:
+            write(hashed)
+        finally:
+            hashed.close()
     return hashed.hexdigest()
 
 
-def write_shard_files(store: FeatureStore, job_id: str, side: str, shard: int,
-                      parts: Mapping[str, FeatureStats]) -> dict[str, str | int]:
-    """Write a shard's statistics (and rows, when kept) per extractor; returns the record of their digests."""
+def spool_shard_rows(store: FeatureStore, job_id: str, side: str, shard: int, extractor: str,
+                     n: int, dim: int) -> RowSpool:
+    """The shard's rows file of `extractor`, written while the shard runs (see `row_spool`)."""
+    return RowSpool(store, _file(job_id, side, shard, _what(extractor, "features.npy")), n, dim)
+
+
+def write_shard_files(store: FeatureStore, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
+                      rows: Mapping[str, RowSpool] | None = None) -> dict[str, str | int]:
+    """Write a shard's statistics (and rows, when kept) per extractor; returns the record of their digests.
+    Rows spooled while the shard ran (`rows`, closed here) are taken as they are; the spool and the
+    statistics must agree on the number of rows."""
+    rows = rows or {}
     record: dict[str, str | int] = {}
+    for extractor, spool in rows.items():
+        stats = parts.get(extractor)
+        if stats is None or stats.keep_features or spool.n != stats.n:
+            raise ValueError(f"rows spooled for {extractor} do not belong to the statistics given")
+        if spool.key != _file(job_id, side, shard, _what(extractor, "features.npy")):
+            raise ValueError(f"{spool.key} is not the rows file of shard {side}/{shard} of job {job_id}")
+        record[_what(extractor, "features.npy")] = spool.close()
     for extractor, stats in parts.items():
         what = _what(extractor, "stats.npz")
         record[what] = _write_hashed(store, _file(job_id, side, shard, what),
@@ -236,18 +268,36 @@ def read_shard_files(store: FeatureStore, record: Mapping[str, str | int], job_i
     return stats
 
 
-def _rows(store: FeatureStore, key: str, digest: str) -> np.ndarray | NpyFileRows | None:
-    """A shard's feature rows, verified: a local file stays on disk, mapped (KID reads the rows it draws,
-    so a side of a million samples is never in memory); a remote one is read whole."""
+def _rows(store: FeatureStore, key: str, digest: str) -> NpyFileRows | None:
+    """A shard's feature rows, verified and left on disk, mapped: KID reads the rows it draws, so a side of a
+    million samples is never in memory. A remote store's file is first copied to a local one (`_fetched`)."""
     path = store.local_path(key)
     if path is None:
-        data = store.get_bytes(key)
-        return np.load(io.BytesIO(data), allow_pickle=False) if _digest(data) == digest else None
+        return _fetched(store, key, digest)
     try:
         rows = NpyFileRows(path)
     except ValueError:
         return None  # not the rows it claims to be: recomputed, as an altered file is
     return rows if rows.file_sha256() == digest else None
+
+
+def _fetched(store: FeatureStore, key: str, digest: str) -> NpyFileRows | None:
+    """A remote shard's rows streamed into an unnamed local temporary file (under TMPDIR) and hashed on the
+    way, then mapped as a local file is: the reducer's memory stays flat whatever the store, and the file
+    is gone with its mapping."""
+    h = hashlib.sha256()
+    with tempfile.TemporaryFile(prefix="evalfarm-rows-") as local:
+        with store.reader(key) as remote:
+            while block := remote.read(FETCH_BLOCK):
+                h.update(block)
+                local.write(block)
+        if h.hexdigest() != digest:
+            return None
+        local.flush()
+        try:
+            return NpyFileRows(local)  # the mapping outlives the file object
+        except ValueError:
+            return None
 
 
 def delete_shard_files(store: FeatureStore, job_id: str, side: str, shard: int,
@@ -266,8 +316,12 @@ class RedisPartials:
     def _key(job_id: str, side: str, shard: int) -> str:
         return f"evalfarm:partial:{job_id}:{side}:{shard}"
 
-    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats]) -> None:
-        record = write_shard_files(self.store, job_id, side, shard, parts)
+    def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> RowSpool:
+        return spool_shard_rows(self.store, job_id, side, shard, extractor, n, dim)
+
+    def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
+            rows: Mapping[str, RowSpool] | None = None) -> None:
+        record = write_shard_files(self.store, job_id, side, shard, parts, rows)
         key = self._key(job_id, side, shard)
         with self.redis.pipeline() as p:  # overwrite, never add: a shard that ran twice leaves one record
             p.delete(key)

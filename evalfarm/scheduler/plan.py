@@ -117,10 +117,13 @@ def shard_ranges(n: int, shard_size: int) -> tuple[tuple[int, int], ...]:
     return tuple((s, min(s + shard_size, n)) for s in range(0, n, shard_size))
 
 
+INDEXES = "indexes"  #: the feature store's folder of sample-set listings (swept by the janitor when unused)
+
+
 def index_key(content_hash: str) -> str:
     """Where a sample set's listing is kept (`Source.index`), by content: the planner lists a tar once, and
     the workers that featurize its shards open it from this instead of listing it again."""
-    return f"indexes/{content_hash[:32]}.npz"
+    return f"{INDEXES}/{content_hash[:32]}.npz"
 
 
 def keep_index(store: FeatureStore | None, source: Source, content_hash: str) -> None:

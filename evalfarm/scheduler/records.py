@@ -338,12 +338,14 @@ def beat(sessions: Sessions, claim: ShardClaim) -> JobState | None:
 
 
 def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> bool:
-    """running → done for the claim that still holds the shard; False when it no longer does (its job was
-    cancelled or failed, or its lease expired and another attempt took over): a final row never changes."""
+    """running → done for the claim that still holds the shard in a running job; False when it no longer does
+    (its job ended, or its lease expired and another attempt took over): a final row never changes."""
+    running = select(Job.id).where(Job.id == claim.job.id, Job.state == JobState.RUNNING)
     with sessions.begin() as s:
         done = s.execute(
             update(Shard)
-            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt)
+            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt,
+                   Shard.job_id.in_(running))
             .values(state=ShardState.DONE, finished_at=utcnow(), seconds=seconds, error=None)
         ).rowcount == 1
         if done:

@@ -6,6 +6,7 @@ planned, a shard delivered twice is counted once, and a second reducer finds the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -188,22 +189,39 @@ def run_shard(
     if side == SAMPLES and not job.is_reference_job and "is" in config.metrics:
         split_ids = split_assignment(n_side, config.splits, config.seed)[claim.start : claim.stop]
     beat = functools.partial(records.beat, ctx.sessions, claim)
-    with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
-        t0 = time.perf_counter()
-        stats = featurize_extractors(
-            source, claim.start, claim.stop, [held[e] for e in config.featurizers],
-            resize=config.resize, batch_size=batch_size or config.batch_size, num_workers=num_workers,
-            split_ids=split_ids, splits=config.splits, on_batch=on_batch, should_stop=lease.stopped,
-            keep_features={e for e in config.featurizers if job.keeps_features(side, e)},
-        )
-        seconds = time.perf_counter() - t0  # featurizing alone: status and benchmarks split the rest off
-    # A shard of one batch never saw the loop's check: ask once more before writing anything.
-    if lease.stopped() or records.job_state(ctx.sessions, job_id) != JobState.RUNNING:
-        raise JobCancelled("the job was cancelled")
-    ctx.partials.put(job_id, side, index, stats)
+    kept = {e for e in config.featurizers if job.keeps_features(side, e)}
+    with contextlib.ExitStack() as spooled:
+        rows = {}  # the kept rows stream to their files while the shard runs; a shard that fails leaves none
+        for e in sorted(kept):
+            spool = ctx.partials.spool_rows(job_id, side, index, e, claim.stop - claim.start, held[e].dim)
+            if spool is not None:
+                rows[e] = spool
+                spooled.callback(spool.abort)
+        with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
+            t0 = time.perf_counter()
+            stats = featurize_extractors(
+                source, claim.start, claim.stop, [held[e] for e in config.featurizers],
+                resize=config.resize, batch_size=batch_size or config.batch_size, num_workers=num_workers,
+                split_ids=split_ids, splits=config.splits, on_batch=on_batch, should_stop=lease.stopped,
+                keep_features=kept, row_sinks=rows,
+            )
+            seconds = time.perf_counter() - t0  # featurizing alone: status and benchmarks split the rest off
+        if lease.stopped():  # a beat saw the job end, or the claim lost, after the loop's last check
+            raise JobCancelled("the job was cancelled")
+        try:
+            ctx.partials.put(job_id, side, index, stats, rows)
+        except OSError:  # a cancel drops the job's directory, perhaps under the files being written
+            if records.job_state(ctx.sessions, job_id) == JobState.RUNNING:
+                raise
+            ctx.partials.discard(job_id, side, index)
+            raise JobCancelled("the job ended while the shard ran") from None
+    # finish_shard holds only while the job runs: a shard of a job that ended meanwhile (a one-batch shard never
+    # saw the loop's check) takes its files back below, instead of a query before writing them.
     if not records.finish_shard(ctx.sessions, claim, seconds):
-        if records.job_state(ctx.sessions, job_id) != JobState.RUNNING:
+        state = records.job_state(ctx.sessions, job_id)
+        if state != JobState.RUNNING:
             ctx.partials.discard(job_id, side, index)  # the job ended meanwhile: leave nothing behind
+            raise JobCancelled("the job ended while the shard ran")
         # Else another attempt holds the shard: its write is the one its row stands for, and should the two
         # writes have interleaved, the digests tell the reducer, which recomputes the shard.
         return False

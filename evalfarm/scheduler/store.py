@@ -10,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from evalfarm.sources import is_url
+
+HASH_QUEUE_DEPTH = 16  #: blocks (of up to a few MiB) written but not yet hashed
 
 
 class FeatureStore:
@@ -83,6 +87,13 @@ class FeatureStore:
                     self.fs.rm(tmp)
                 raise
 
+    @contextlib.contextmanager
+    def reader(self, key: str) -> Iterator[IO[bytes]]:
+        """`key` as a file to read in steps (FileNotFoundError when it is missing)."""
+        path = self._path(key)
+        with open(path, "rb") if self.fs is None else self.fs.open(path, "rb") as f:
+            yield f
+
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
         if self.fs is None:
@@ -102,6 +113,26 @@ class FeatureStore:
         if not self.fs.exists(path):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
+
+    def modified_before(self, prefix: str, cutoff: float) -> list[str]:
+        """Keys directly under `prefix` last written before `cutoff` (seconds since the epoch). A remote store
+        that gives no modification times answers none: nothing is removed on a guess."""
+        if self.fs is None:
+            path = self._path(prefix)
+            if not os.path.isdir(path):
+                return []
+            with os.scandir(path) as entries:
+                return sorted(f"{prefix}/{e.name}" for e in entries
+                              if e.is_file() and not e.name.startswith(".tmp-") and e.stat().st_mtime < cutoff)
+        old = []
+        for name in self.children(prefix):
+            try:
+                stamp = self.fs.modified(self._path(f"{prefix}/{name}")).timestamp()
+            except (NotImplementedError, FileNotFoundError, OSError, AttributeError):
+                continue
+            if stamp < cutoff:
+                old.append(f"{prefix}/{name}")
+        return old
 
     def delete(self, key: str) -> None:
         """Remove one key; a missing key is not an error."""
@@ -123,17 +154,42 @@ class FeatureStore:
 
 class HashingWriter:
     """Writes through to `out` and hashes the bytes as they pass (SHA-256): one pass over a value, where
-    encoding, hashing and writing it would be three. Unseekable on purpose: a zip written into it streams."""
+    encoding, hashing and writing it would be three. Unseekable on purpose: a zip written into it streams.
 
-    def __init__(self, out: IO[bytes]) -> None:
+    With `threaded`, a thread hashes while this one encodes and writes (SHA-256 and file writes both release
+    the GIL): a 16 MiB Gram is then written in the time of its write alone, not of its write and its hash. The
+    bytes given to `write` must then stay unchanged until `hexdigest` or `close` (the encoders here hand over
+    bytes objects and arrays they no longer touch)."""
+
+    def __init__(self, out: IO[bytes], *, threaded: bool = False) -> None:
         self.out, self._sha = out, hashlib.sha256()
+        self._queue: queue.Queue[Any] | None = None
+        if threaded:
+            self._queue = queue.Queue(maxsize=HASH_QUEUE_DEPTH)
+            self._thread = threading.Thread(target=self._hash, args=(self._queue,), name="sha256", daemon=True)
+            self._thread.start()
 
     def write(self, data: Any) -> int:
-        self._sha.update(data)
+        if self._queue is None:
+            self._sha.update(data)
+        else:
+            self._queue.put(data)
         return self.out.write(data)
+
+    def _hash(self, pending: queue.Queue[Any]) -> None:
+        while (data := pending.get()) is not None:
+            self._sha.update(data)
 
     def flush(self) -> None:
         self.out.flush()
 
+    def close(self) -> None:
+        """Wait for the hashing thread, if any, and end it (a write that failed half-way must call this too)."""
+        if self._queue is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._queue = None
+
     def hexdigest(self) -> str:
+        self.close()
         return self._sha.hexdigest()

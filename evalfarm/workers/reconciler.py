@@ -45,7 +45,7 @@ def reconcile(ctx: Context, client: redis.Redis, settings: Settings) -> deadline
         reduce_job_task.delay(job_id)
     for delivery_id in webhooks.overdue(ctx.sessions, grace_s=settings.lease_s):
         deliver_webhook.delay(delivery_id)
-    ends.sweep(ctx, retention_s=settings.retention_s)
+    ends.sweep(ctx, retention_s=settings.retention_s, index_retention_s=settings.index_retention_s)
     return lost
 
 
