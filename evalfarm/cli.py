@@ -489,8 +489,9 @@ def ref_list() -> None:
         from evalfarm.scheduler.queries import list_references
 
         refs = list_references(session_factory(get_settings().db_url))
-    for r in refs:
-        click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{r['weights_sha256'][:16]}\t{r['uri']}")
+    for r in refs:  # each extractor's weights: a reference made with several holds statistics of each
+        held = ",".join(f"{e}:{sha[:16]}" for e, sha in (r.get("extractors") or {keys.INCEPTION: r["weights_sha256"]}).items())
+        click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{held}\t{r['uri']}")
 
 
 # ---------------------------------------------------------------- the farm

@@ -17,6 +17,7 @@ from evalfarm import keys
 from evalfarm.db import Job, session_factory
 from evalfarm.errors import ReferenceMismatchError
 from evalfarm.models import extractors
+from evalfarm.models.weights import file_sha256
 from evalfarm.settings import get_settings
 
 from .helpers import rel_err, run_cli, write_images
@@ -174,6 +175,9 @@ def test_a_named_reference_holds_the_extractors_it_was_made_with(image_sets, ext
                    "--extractor-weights", dino, "--device", "cpu", "--quiet")
     assert made.returncode == 0, made.stderr
     assert "dinov2-vit-s-14 (weights" in made.stdout
+    listed = run_cli("ref", "list")
+    [row] = [line.split("\t") for line in listed.stdout.splitlines() if line.startswith("real-dino\t")]
+    assert row[3] == f"dinov2-vit-s-14:{file_sha256(Path(dino))[:16]}"  # the extractor's, by name
     by_name = evalfarm.evaluate(str(image_sets[0]), "real-dino", metrics=("fid", "kid"),
                                 extractors=("dinov2-vit-s-14",), extractor_weights={"dinov2-vit-s-14": dino},
                                 **SETTINGS)

@@ -13,7 +13,14 @@ from sqlalchemy.orm import lazyload
 from evalfarm.db import Counter, Job, JobState, Reference, Result, Shard, ShardState
 from evalfarm.db.models import IMAGES_FEATURIZED, SHARDS_DONE, SHARDS_FAILED
 from evalfarm.errors import InvalidField
-from evalfarm.keys import ALL_METRIC_KEYS, EXTRACTOR_NAMES, JOB_EVAL, METRIC_ALIASES, split_qualified
+from evalfarm.keys import (
+    ALL_METRIC_KEYS,
+    EXTRACTOR_NAMES,
+    INCEPTION,
+    JOB_EVAL,
+    METRIC_ALIASES,
+    split_qualified,
+)
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.records import Sessions, get_job, shards_of
 from evalfarm.scheduler.webhooks import callback_status
@@ -141,7 +148,9 @@ def query_results(
 def list_references(sessions: Sessions) -> list[dict[str, Any]]:
     with sessions() as s:
         return [
-            {"name": r.name, "n": r.n, "resize": r.resize, "weights_sha256": r.weights_sha256, "uri": r.uri}
+            {"name": r.name, "n": r.n, "resize": r.resize, "weights_sha256": r.weights_sha256, "uri": r.uri,
+             "extractors": {e: v["weights_sha256"] for e, v in (r.extractors or {}).items()}
+             or {INCEPTION: r.weights_sha256}}
             for r in s.scalars(select(Reference).order_by(Reference.name))
         ]
 
