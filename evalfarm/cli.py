@@ -489,8 +489,10 @@ def ref_list() -> None:
         from evalfarm.scheduler.queries import list_references
 
         refs = list_references(session_factory(get_settings().db_url))
-    for r in refs:  # each extractor's weights: a reference made with several holds statistics of each
-        held = ",".join(f"{e}:{sha[:16]}" for e, sha in (r.get("extractors") or {keys.INCEPTION: r["weights_sha256"]}).items())
+    for r in refs:  # a reference of Inception alone shows its hash as it always did; others name each extractor
+        extractors = r.get("extractors") or {keys.INCEPTION: r["weights_sha256"]}
+        held = (r["weights_sha256"][:16] if list(extractors) == [keys.INCEPTION]
+                else ",".join(f"{e}:{sha[:16]}" for e, sha in extractors.items()))
         click.echo(f"{r['name']}\t{r['n']}\t{r['resize']}\t{held}\t{r['uri']}")
 
 

@@ -36,7 +36,7 @@ from evalfarm.keys import INCEPTION, JOB_EVAL, METRIC_KEYS
 from evalfarm.metrics import FeatureStats
 from evalfarm.models import FeatureExtractor, Weights
 from evalfarm.models.weights import file_sha256
-from evalfarm.scheduler import deadlines, records, steps
+from evalfarm.scheduler import deadlines, lease, records, steps
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.ends import cancel_job, fail_job, sweep
 from evalfarm.scheduler.job import EMBEDDED
@@ -562,6 +562,45 @@ def test_a_worker_whose_lease_expired_cannot_finish_the_shard_it_lost(
 
     again = rows(ctx, job_id)[shard]
     assert (again.state, again.attempts, again.worker, again.seconds) == (ShardState.DONE, 2, "rescuer", done.seconds)
+
+
+def test_a_stalled_worker_that_finishes_after_its_shard_was_redone_leaves_the_redone_files(
+    tmp_path: Path, image_sets: tuple[str, str], extractor: FeatureExtractor, expected: dict[str, float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # No beat before the stalled worker writes: a beat would tell it that it lost the shard (within the 2 s
+    # of CANCEL_POLL_S); what is tested is the write that falls inside that window.
+    monkeypatch.setattr(lease, "CANCEL_POLL_S", 3600.0)
+    ctx = make_context(tmp_path, LocalPartials(FeatureStore(str(tmp_path / "spill"))))
+    job_id = planned_job(ctx, image_sets, extractor)
+    shard = (SAMPLES, 0)
+
+    def meanwhile(_: int, seen: list[int] = []) -> None:  # noqa: B006 - once, during the stalled run's batch
+        if not seen:
+            seen.append(1)
+            age_shard(ctx, job_id, shard)  # the stalled worker's lease runs out
+            assert run(ctx, job_id, shard, extractor, lease_s=LEASE_S, worker="rescuer") is False
+            assert run_all(ctx, job_id, extractor, ALL_SHARDS[1:])[-1] is True  # the job moves on to reducing
+
+    assert run(ctx, job_id, shard, extractor, lease_s=LEASE_S, worker="stalled", on_batch=meanwhile,
+               heartbeat_s=3600) is False
+
+    assert records.get_job(ctx.sessions, job_id).state == JobState.REDUCING
+    outcome = reduce_job(ctx, job_id)
+    assert outcome.recompute == ()  # the stalled write replaced the shard's files; nothing deleted them
+    assert_reproduces(outcome.result, {k: v for k, v in expected.items() if k in metrics_of(outcome.result)})
+
+
+def test_a_shard_that_finishes_after_its_job_failed_is_refused_and_leaves_nothing(
+    ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor
+) -> None:
+    job_id = planned_job(ctx, image_sets, extractor)
+
+    with pytest.raises(JobCancelled):  # another shard's final failure ends the job while this one runs
+        run(ctx, job_id, (SAMPLES, 0), extractor, on_batch=lambda _: fail_job(ctx, job_id, "another shard failed"))
+
+    assert rows(ctx, job_id)[(SAMPLES, 0)].state != ShardState.DONE
+    assert stored_partials(ctx, job_id) == []
 
 
 def test_a_shard_leased_live_elsewhere_is_left_to_its_worker(

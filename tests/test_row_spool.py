@@ -17,7 +17,7 @@ from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.partials import LocalPartials, write_shard_files
 from evalfarm.scheduler.plan import SAMPLES
 from evalfarm.scheduler.row_spool import RowSpool
-from evalfarm.scheduler.store import FeatureStore
+from evalfarm.scheduler.store import FeatureStore, HashingWriter
 
 DIM = 16
 KEY = "jobs/j/samples/000000.features.npy"
@@ -157,3 +157,48 @@ def test_spooled_rows_of_another_shard_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not the rows file of shard"):
         write_shard_files(store, "j", SAMPLES, 0, {"inception-v3-compat": stats}, {"inception-v3-compat": spool})
     spool.abort()
+
+
+class _StuckTemporaries(FeatureStore):
+    """A store that cannot remove a temporary file (a remote store whose upload fails on the way out)."""
+
+    @contextlib.contextmanager
+    def writer(self, key: str) -> Iterator[IO[bytes]]:
+        try:
+            with super().writer(key) as f:
+                yield f
+        except BaseException:
+            raise OSError(5, "Input/output error") from None
+
+
+def test_an_abort_that_cannot_clean_up_does_not_replace_the_shard_s_own_error(tmp_path: Path) -> None:
+    spool = RowSpool(_StuckTemporaries(str(tmp_path)), KEY, 23, DIM)
+    spool.write(batches()[0])
+    with pytest.raises(RuntimeError, match="the shard's own"):
+        with contextlib.ExitStack() as stack:
+            stack.callback(spool.abort)
+            raise RuntimeError("the shard's own error")
+
+
+class _Sink:
+    def write(self, data: object) -> int:
+        return memoryview(data).nbytes  # type: ignore[arg-type]
+
+
+def test_a_threaded_hash_gives_the_digest_of_the_bytes_written(tmp_path: Path) -> None:
+    blocks = [bytes([i]) * 5000 for i in range(40)]  # more blocks than the queue holds
+    hashed = HashingWriter(_Sink(), threaded=True)
+    for b in blocks:
+        hashed.write(b)
+    assert hashed.hexdigest() == hashlib.sha256(b"".join(blocks)).hexdigest()
+
+
+def test_a_hashing_thread_that_fails_raises_in_the_writer_and_never_blocks_it() -> None:
+    hashed = HashingWriter(_Sink(), threaded=True)
+    hashed.write(np.arange(10)[::2])  # not contiguous: SHA-256 refuses it, in the hashing thread
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        for _ in range(100):  # more than the queue holds: a dead hasher would leave the writer blocked here
+            hashed.write(b"x" * 5000)
+        hashed.hexdigest()
+    with pytest.raises(ValueError, match="not C-contiguous"):
+        hashed.hexdigest()  # never a digest of part of the bytes

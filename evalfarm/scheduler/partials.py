@@ -16,6 +16,7 @@ that they are written, replaced and lost together.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import tempfile
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
+from evalfarm.errors import JobError
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.row_files import NpyFileRows
@@ -120,8 +122,8 @@ class LocalPartials:
     def discard(self, job_id: str, side: str, shard: int) -> None:
         self._items.pop((job_id, side, shard), None)
         record = self._records.pop((job_id, side, shard), None)
-        if self.store is not None and record is not None:
-            delete_shard_files(self.store, job_id, side, shard, record)
+        if self.store is not None:
+            delete_shard_files(self.store, job_id, side, shard, record or {})
 
     def job_ids(self) -> set[str]:
         return {k[0] for k in self._items} | {k[0] for k in self._records} | {k[0] for k in self._digests}
@@ -290,20 +292,33 @@ def _fetched(store: FeatureStore, key: str, digest: str) -> NpyFileRows | None:
         with store.reader(key) as remote:
             while block := remote.read(FETCH_BLOCK):
                 h.update(block)
-                local.write(block)
+                try:
+                    local.write(block)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    raise JobError(
+                        f"no room on local disk for a copy of {store.describe(key)} ({exc.strerror}): the reducer "
+                        f"copies each shard's rows from a remote store to TMPDIR ({tempfile.gettempdir()}); point "
+                        "TMPDIR at a disk with room for 8 GiB per million samples") from exc
         if h.hexdigest() != digest:
             return None
         local.flush()
         try:
-            return NpyFileRows(local)  # the mapping outlives the file object
+            rows = NpyFileRows(local)  # the mapping outlives the file object
         except ValueError:
             return None
+    rows.path = store.describe(key)  # for messages: the file it stands for, not a descriptor
+    return rows
 
 
 def delete_shard_files(store: FeatureStore, job_id: str, side: str, shard: int,
                        record: Mapping[str, str | int]) -> None:
-    for what in {"stats.npz", "features.npy", *(k for k in record if k != "n")}:
-        store.delete(_file(job_id, side, shard, what))
+    """The files `record` names, and any other file of the shard (rows spooled before its record was made)."""
+    folder = f"jobs/{job_id}/{side}"
+    named = {f"{shard:06d}.{what}" for what in ("stats.npz", "features.npy", *(k for k in record if k != "n"))}
+    for name in named | {c for c in store.children(folder) if c.startswith(f"{shard:06d}.")}:
+        store.delete(f"{folder}/{name}")
 
 
 class RedisPartials:

@@ -13,7 +13,7 @@ nothing, as with any other write to the feature store.
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import queue
 import threading
 from typing import IO
@@ -21,6 +21,8 @@ from typing import IO
 import numpy as np
 
 from evalfarm.scheduler.store import FeatureStore, HashingWriter
+
+log = logging.getLogger(__name__)
 
 SPOOL_DEPTH = 8  #: batches waiting to be written; a slow disk then slows the shard instead of filling memory
 
@@ -36,14 +38,19 @@ class RowSpool:
         self.key, self.n, self.dim = key, n, dim
         self._writer = store.writer(key)
         self._out = HashingWriter(self._writer.__enter__())
-        np.lib.format.write_array_header_1_0(
-            self._out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
         self._queued = 0
         self._error: BaseException | None = None
         self._open = True
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=depth)
-        self._thread = threading.Thread(target=self._drain, args=(self._out,), name=f"rows {key}", daemon=True)
-        self._thread.start()
+        try:
+            np.lib.format.write_array_header_1_0(
+                self._out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+            self._thread = threading.Thread(target=self._drain, args=(self._out,), name=f"rows {key}", daemon=True)
+            self._thread.start()
+        except BaseException as exc:
+            self._open = False
+            self._writer.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary file
+            raise
 
     def write(self, rows: np.ndarray) -> None:
         """Queue a batch's rows (copied: the caller may reuse its buffer); a failed write surfaces here."""
@@ -84,10 +91,16 @@ class RowSpool:
         return self._out.hexdigest()
 
     def abort(self) -> None:
-        """Drop what was written (the shard failed or was cancelled); a spool already closed is left as it is."""
+        """Drop what was written (the shard failed or was cancelled); a spool already closed is left as it is.
+        Best effort and silent: it runs while the shard's own error is on its way out, and must not replace it
+        (a temporary file it could not remove is the janitor's)."""
         if not self._open:
             return
         self._open = False
         self._stop()
-        with contextlib.suppress(_Aborted):
+        try:
             self._writer.__exit__(_Aborted, _Aborted(), None)
+        except _Aborted:
+            pass
+        except Exception:
+            log.warning("could not remove the unfinished rows file of %s", self.key, exc_info=True)

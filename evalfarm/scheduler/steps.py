@@ -211,21 +211,26 @@ def run_shard(
         try:
             ctx.partials.put(job_id, side, index, stats, rows)
         except OSError:  # a cancel drops the job's directory, perhaps under the files being written
-            if records.job_state(ctx.sessions, job_id) == JobState.RUNNING:
+            if not _ended(ctx, job_id):
                 raise
             ctx.partials.discard(job_id, side, index)
             raise JobCancelled("the job ended while the shard ran") from None
     # finish_shard holds only while the job runs: a shard of a job that ended meanwhile (a one-batch shard never
     # saw the loop's check) takes its files back below, instead of a query before writing them.
     if not records.finish_shard(ctx.sessions, claim, seconds):
-        state = records.job_state(ctx.sessions, job_id)
-        if state != JobState.RUNNING:
+        if _ended(ctx, job_id):
             ctx.partials.discard(job_id, side, index)  # the job ended meanwhile: leave nothing behind
             raise JobCancelled("the job ended while the shard ran")
-        # Else another attempt holds the shard: its write is the one its row stands for, and should the two
-        # writes have interleaved, the digests tell the reducer, which recomputes the shard.
+        # Else another attempt holds the shard, or finished it (the job may be reducing): its write is the one
+        # its row stands for, and should the two writes have interleaved, the digests tell the reducer, which
+        # recomputes the shard. Never discard here: the files may be the finished attempt's.
         return False
     return records.try_start_reduce(ctx.sessions, job_id)
+
+
+def _ended(ctx: Context, job_id: str) -> bool:
+    state = records.job_state(ctx.sessions, job_id)
+    return state is None or state in FINAL_STATES
 
 
 def record_shard_failure(ctx: Context, job_id: str, side: str, index: int, error: str, *, final: bool) -> None:

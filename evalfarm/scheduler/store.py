@@ -121,9 +121,13 @@ class FeatureStore:
             path = self._path(prefix)
             if not os.path.isdir(path):
                 return []
-            with os.scandir(path) as entries:
-                return sorted(f"{prefix}/{e.name}" for e in entries
-                              if e.is_file() and not e.name.startswith(".tmp-") and e.stat().st_mtime < cutoff)
+            old = []
+            with os.scandir(path) as entries:  # temporaries of a writer that died are old too
+                for e in entries:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile by another sweep
+                        if e.is_file() and e.stat().st_mtime < cutoff:
+                            old.append(f"{prefix}/{e.name}")
+            return sorted(old)
         old = []
         for name in self.children(prefix):
             try:
@@ -173,12 +177,23 @@ class HashingWriter:
         if self._queue is None:
             self._sha.update(data)
         else:
+            self._raise_failure()
             self._queue.put(data)
         return self.out.write(data)
 
     def _hash(self, pending: queue.Queue[Any]) -> None:
         while (data := pending.get()) is not None:
-            self._sha.update(data)
+            if self._failure is None:  # after a failure, keep draining: a writer must never block on a full queue
+                try:
+                    self._sha.update(data)
+                except BaseException as exc:  # noqa: BLE001 - raised in the writer's thread instead
+                    self._failure = exc
+
+    _failure: BaseException | None = None
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
 
     def flush(self) -> None:
         self.out.flush()
@@ -191,5 +206,7 @@ class HashingWriter:
             self._queue = None
 
     def hexdigest(self) -> str:
+        """The digest of everything written; raises what the hashing thread met rather than give a wrong one."""
         self.close()
+        self._raise_failure()
         return self._sha.hexdigest()
