@@ -1,13 +1,22 @@
-"""How many decode processes each featurizing process gets: the host's spare cores, shared out."""
+"""How many decode processes each featurizing process gets: the host's spare cores, shared out; and an array
+source, which decodes nothing, gets none (a thread reads it a batch ahead)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
-from evalfarm.pipeline.featurize import default_num_workers
+from evalfarm.keys import INCEPTION
+from evalfarm.pipeline.featurize import default_num_workers, featurize_extractors
 from evalfarm.settings import Settings
+from evalfarm.sources import open_source
+
+from .helpers import images_as_array, write_images
 
 
 @pytest.mark.parametrize(
@@ -35,3 +44,39 @@ def test_loader_workers_setting_reads_its_environment_variable(monkeypatch: pyte
 def test_loader_workers_setting_is_unset_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EVALFARM_LOADER_WORKERS", raising=False)
     assert Settings().loader_workers is None
+
+
+class MeanColour:
+    """A featurizer of three features, each image's mean colour: nothing here waits on a network."""
+
+    name, dim, input_size, device = INCEPTION, 3, 16, torch.device("cpu")
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return batch.float().mean(dim=(2, 3)).numpy()
+
+
+def featurize_watching_children(uri: str, workers: int) -> tuple[np.ndarray, set[int]]:
+    """The rows of every image, and the number of child processes seen while the batches came in."""
+    seen: set[int] = set()
+    stats = featurize_extractors(open_source(uri), 0, 20, [MeanColour()], batch_size=6, num_workers=workers,
+                                 on_batch=lambda _: seen.add(len(multiprocessing.active_children())))
+    return stats[INCEPTION].features, seen
+
+
+def test_an_array_source_is_read_without_loader_processes_and_in_order(tmp_path: Path) -> None:
+    images = images_as_array(write_images(tmp_path / "png", 20, 16, seed=5, brightness=1.0))
+    np.savez(tmp_path / "set.npz", arr_0=images)
+
+    rows, children = featurize_watching_children(str(tmp_path / "set.npz"), workers=2)
+
+    assert children == {0}  # a process per shard cost more to start than the copies it would make
+    np.testing.assert_array_equal(rows, images.astype(np.float32).mean(axis=(1, 2)))
+
+
+def test_a_folder_of_encoded_images_is_decoded_in_loader_processes(tmp_path: Path) -> None:
+    folder = write_images(tmp_path / "png", 20, 16, seed=5, brightness=1.0)
+
+    rows, children = featurize_watching_children(str(folder), workers=1)
+
+    assert children == {1}
+    np.testing.assert_array_equal(rows, images_as_array(folder).astype(np.float32).mean(axis=(1, 2)))

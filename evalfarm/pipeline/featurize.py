@@ -1,14 +1,16 @@
 """Featurizing one index range of a source: the unit of work of a shard, embedded or on a farm worker.
 
 Decoding and resizing run in DataLoader worker processes while the network runs in this one, so a
-GPU is not starved by PIL. Memory stays bounded by a few batches plus the shard's own features.
+GPU is not starved by PIL; an array source, which decodes nothing, is read by a thread one batch ahead.
+Memory stays bounded by a few batches plus the shard's own features.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -68,6 +70,26 @@ class _BatchDataset(Dataset):
         return {size: torch.cat([resize_tf_bilinear(x, size) for x in chw]) for size in self.sizes}
 
 
+def _batches(dataset: _BatchDataset, workers: int, *, pin: bool) -> Iterator[Any]:
+    """The range's batches, in order. A source that decodes gets `workers` loader processes. An array source
+    only copies, so one thread reads a batch ahead instead: starting and stopping loader processes cost a
+    shard 100-150 ms on the benchmark machine, more than the copies they took off the network's thread."""
+    if dataset.source.decodes and workers > 0:
+        yield from DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4)
+        return
+
+    def read(b: int) -> Any:
+        batch = dataset[b]
+        return batch.pin_memory() if pin and isinstance(batch, torch.Tensor) else batch
+
+    with ThreadPoolExecutor(1, thread_name_prefix="evalfarm-read") as reader:
+        ahead = reader.submit(read, 0) if len(dataset) else None
+        for b in range(len(dataset)):
+            batch = ahead.result()
+            ahead = reader.submit(read, b + 1) if b + 1 < len(dataset) else None
+            yield batch
+
+
 def default_num_workers(processes: int = 1) -> int:
     """Decode processes for each of `processes` featurizing processes on this machine: the cores not
     running them, shared out, at most 8 each (one Celery child per GPU must not oversubscribe the host)."""
@@ -104,13 +126,8 @@ def featurize_extractors(
         raise ValueError("featurize_extractors needs at least one extractor")
     workers = default_num_workers() if num_workers is None else num_workers
     sizes = tuple(dict.fromkeys(f.input_size for f in featurizers))
-    loader = DataLoader(
-        _BatchDataset(source, start, stop, batch_size, resize, sizes),
-        batch_size=None,
-        num_workers=workers,
-        pin_memory=any(f.device.type == "cuda" for f in featurizers),
-        prefetch_factor=4 if workers else None,
-    )
+    loader = _batches(_BatchDataset(source, start, stop, batch_size, resize, sizes), workers,
+                      pin=any(f.device.type == "cuda" for f in featurizers))
     stats = {
         f.name: FeatureStats.new(f.dim, splits=splits if split_ids is not None and f.name == INCEPTION else 0,
                                  classes=NUM_LOGITS,

@@ -97,6 +97,7 @@ class ArraySource(Source):
     """
 
     _handle_attrs = ("_data",)
+    decodes = False
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)

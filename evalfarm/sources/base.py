@@ -127,6 +127,8 @@ class Source(abc.ABC):
     """
 
     _handle_attrs: ClassVar[tuple[str, ...]] = ()
+    decodes: ClassVar[bool] = True
+    """Whether reading decodes encoded files (CPU work worth loader processes); an array source only copies."""
     uri: str
 
     def __init__(self, uri: str) -> None:
