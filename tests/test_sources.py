@@ -173,6 +173,25 @@ def test_npy_is_memory_mapped(sample_sets: dict[str, Path]) -> None:
     assert isinstance(source._backing(), np.memmap)
 
 
+def _rss_file_kib() -> int:
+    """This process's resident file-backed pages (what a mapping that keeps what it read adds to RSS)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssFile:"))
+
+
+@pytest.mark.parametrize("offset_rows", [0, 7])
+def test_reading_a_mapped_array_through_leaves_no_more_of_it_mapped_than_a_batch(
+    tmp_path: Path, offset_rows: int
+) -> None:
+    rows = np.random.default_rng(0).integers(0, 256, (1200, 64, 64, 3), np.uint8)  # 14 MiB
+    np.save(tmp_path / "set.npy", rows)
+    source = open_source(str(tmp_path / "set.npy"))
+    before = _rss_file_kib()
+    for at in range(offset_rows, len(rows), 100):  # batches not aligned to pages, as shards' are not
+        np.testing.assert_array_equal(np.stack(source.read(at, min(at + 100, len(rows)))), rows[at : at + 100])
+    assert _rss_file_kib() - before < 2048  # a batch is 1.2 MiB; all of it would be 14 MiB
+
+
 def test_compressed_npz_is_streamed_not_loaded(sample_sets: dict[str, Path], images: np.ndarray) -> None:
     source = open_source(str(sample_sets["npz_compressed"]))
     np.testing.assert_array_equal(source.load(15), images[15])

@@ -7,6 +7,8 @@ a compressed `.npz` member is decompressed as a stream (see `ArraySource`).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
 import threading
@@ -259,6 +261,8 @@ class ArraySource(Source):
             batch = rgb_batch(raw)
         except Exception as exc:
             raise SourceError(f"cannot read {self.uri}[{start}:{stop}]: {reason(exc)}") from exc
+        if isinstance(data, np.memmap):
+            _unmap_rows(data, start, stop)
         return list(batch)
 
     def _compute_hash(self) -> str:
@@ -267,6 +271,25 @@ class ArraySource(Source):
     def describe_empty(self) -> str:
         what = f"array {self.key!r}" if self.key else "its array"
         return f"{self.uri} contains no images: {what} has shape {tuple(self.shape)}"
+
+
+def _unmap_rows(data: np.memmap, start: int, stop: int) -> None:
+    """Give back the pages of rows [start, stop) once they are copied out (they stay in the page cache): a
+    process that reads a whole set through its mapping must not look as large as the set (RSS, and a
+    cgroup's memory limit, count mapped pages). Only the pages wholly inside those rows: a neighbour's rows
+    are left mapped."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not data.flags.c_contiguous or stop <= start:
+        return
+    row = data.strides[0]
+    base = data.offset - data.offset % mmap.ALLOCATIONGRANULARITY  # where the mapping starts in the file
+    lo = data.offset - base + start * row
+    hi = data.offset - base + stop * row
+    lo += -lo % mmap.PAGESIZE
+    hi -= hi % mmap.PAGESIZE
+    if hi > lo:
+        with contextlib.suppress(OSError, ValueError):  # an advice, never a failure
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class _Closer:
