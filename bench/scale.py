@@ -11,7 +11,9 @@ processes: K featurizing workers on the gpu queue and one planner/reducer on the
 Per run: end-to-end time, shards/s sustained, the per-shard overhead (everything a shard costs but its
 featurizing, the gap before the worker's next shard included) split by step, Redis memory per job, Postgres
 rows and transactions per shard, the reducer's time and peak RSS; and a single-process embedded run on the same
-stand-in, whose numbers the farm's must equal. Ends with one JSON line of the tracked figures.
+stand-in, whose numbers the farm's must equal. One more run (`coord.*`) narrows the stand-in to 16 features, so
+that shards/s then measures the farm's coordination alone, not the 2048-wide statistics' arithmetic. Ends with
+one JSON line of the tracked figures.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ REF_N = 50_000  #: the reference of every run (a dataset's statistics do not gro
 BATCH = 500
 STANDIN = Path(__file__).resolve().parent / "standin.py"
 KID = dict(kid_subsets=100, kid_subset_size=1000)
+COORD_DIM = 16  #: features of the narrowed stand-in of the coordination run
 EMBEDDED_MAX_N = 1_000_000  #: above this, no embedded run (its partials spill to disk, so memory allows any N)
 
 
@@ -66,12 +69,15 @@ def write_npz(path: Path, n: int, seed: int) -> Path:
 # ---------------------------------------------------------------------------------------------- processes
 
 
-def env_for(root: Path, timings: Path | None = None) -> dict[str, str]:
+def env_for(root: Path, timings: Path | None = None, dim: int | None = None) -> dict[str, str]:
     env = {**os.environ, "EVALFARM_DATABASE_URL": DATABASE_URL, "EVALFARM_REDIS_URL": REDIS_URL,
            "EVALFARM_STORE": str(root / "store"), "EVALFARM_HOME": str(root / "home"), "EVALFARM_DEVICE": "cpu",
            "EVALFARM_ALLOW_DOWNLOAD": "0", "EVALFARM_RECONCILE_S": "86400", "PYTHONUNBUFFERED": "1"}
     if timings is not None:
         env["EVALFARM_BENCH_TIMINGS"] = str(timings)
+    env.pop("EVALFARM_BENCH_STANDIN_DIM", None)
+    if dim is not None:
+        env["EVALFARM_BENCH_STANDIN_DIM"] = str(dim)
     return env
 
 
@@ -176,7 +182,7 @@ def shard_overheads(timings: Path, job_id: str) -> list[dict[str, float]]:
 
 
 def farm_run(report: Report, root: Path, samples: Path, ref: Path, k: int, shard: int, label: str,
-             engine: Any) -> dict[str, Any]:
+             engine: Any, dim: int | None = None) -> dict[str, Any]:
     import redis as redis_lib
     from sqlalchemy import select
 
@@ -185,7 +191,7 @@ def farm_run(report: Report, root: Path, samples: Path, ref: Path, k: int, shard
     from evalfarm.farm import Farm
 
     timings = root / "timings" / label
-    env = env_for(root, timings)
+    env = env_for(root, timings, dim)
     logs = OUT_DIR / "scale-logs"
     logs.mkdir(parents=True, exist_ok=True)
     client_redis = redis_lib.Redis.from_url(REDIS_URL)
@@ -228,8 +234,7 @@ def farm_run(report: Report, root: Path, samples: Path, ref: Path, k: int, shard
     f(f"{p}.overhead_ms_per_shard_median", statistics.median(overheads), "ms")
     f(f"{p}.overhead_ms_per_shard_p90", float(np.percentile(overheads, 90)), "ms")
     # The partial write hashes its files as it writes them: its time includes the digests.
-    for phase in ("queue_gap", "claim", "open", "state_check", "partial_write", "finish", "try_reduce",
-                  "heartbeat"):
+    for phase in ("queue_gap", "claim", "open", "partial_write", "finish", "try_reduce", "heartbeat"):
         f(f"{p}.median_ms.{phase}", statistics.median(r.get(phase, 0.0) * 1000 for r in per_shard), "ms")
     f(f"{p}.median_ms.featurize", statistics.median(r.get("featurize", 0.0) * 1000 for r in per_shard), "ms")
     f(f"{p}.redis_mib_per_job", redis_mib, "MiB")
@@ -355,11 +360,18 @@ def run(report: Report, *, root: Path, quick: bool = False, ns: list[int] | None
             same = all(abs(res[k] - want[k]) <= 1e-6 * max(1.0, abs(want[k])) for k in want if k in res
                        and k not in ("seconds", "peak_rss_mib", "end_to_end_s"))
             report.figure(f"scale.{label}.equals_embedded", "yes" if same else "NO")
+    # The farm's coordination alone: the same run with a stand-in of COORD_DIM features, whose statistics and
+    # partial files cost next to nothing (its numbers are compared with nothing; they mean nothing either).
+    coord = f"coord.{label_of(small)}.s{shard_sizes[0]}.w{kmax}"
+    report.note(f"{coord}: the stand-in narrowed to {COORD_DIM} features (EVALFARM_BENCH_STANDIN_DIM): "
+                "what is left per shard is claiming, finishing, the broker and the partial's record")
+    farm_run(report, root, sets[small], ref, kmax, shard_sizes[0], coord, engine, dim=COORD_DIM)
     best = f"{label_of(small)}.s{shard_sizes[0]}.w{kmax}"
     at_big = f"{label_of(big)}.s{smax}.w{kmax}"
     tracked.update(
         overhead_ms_per_shard_median=report.get(f"scale.{at_big}.overhead_ms_per_shard_median"),
         shards_per_s_4_workers=report.get(f"scale.{best}.shards_per_s") if kmax == 4 else None,
+        coordinated_shards_per_s_4_workers=report.get(f"scale.{coord}.shards_per_s") if kmax == 4 else None,
         reducer_s_1m=report.get(f"scale.{at_big}.reducer_s") if big == 1_000_000 else None,
         reducer_peak_rss_mb_1m=report.get(f"scale.{at_big}.reducer_peak_rss_mib") if big == 1_000_000 else None,
         plan_s_1m=tracked.get("plan_s_1m"),
