@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +82,29 @@ def test_a_folder_of_encoded_images_is_decoded_in_loader_processes(tmp_path: Pat
 
     assert children == {1}
     np.testing.assert_array_equal(rows, images_as_array(folder).astype(np.float32).mean(axis=(1, 2)))
+
+
+def test_a_shard_that_fails_mid_range_leaves_no_reading_thread_behind(tmp_path: Path) -> None:
+    np.savez(tmp_path / "set.npz", arr_0=images_as_array(write_images(tmp_path / "png", 20, 16, seed=5,
+                                                                      brightness=1.0)))
+
+    def fail(_: int) -> None:
+        raise RuntimeError("the network failed")
+
+    with pytest.raises(RuntimeError, match="network failed"):
+        featurize_extractors(open_source(str(tmp_path / "set.npz")), 0, 20, [MeanColour()], batch_size=6,
+                             on_batch=fail)
+    deadline = time.monotonic() + 5
+    while any(t.name.startswith("evalfarm-read") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the batch read ahead may still be finishing
+    assert not any(t.name.startswith("evalfarm-read") for t in threading.enumerate())
+
+
+def test_a_fortran_ordered_array_is_read_by_loader_processes(tmp_path: Path) -> None:
+    images = images_as_array(write_images(tmp_path / "png", 20, 16, seed=5, brightness=1.0))
+    np.save(tmp_path / "set.npy", np.asfortranarray(images))
+
+    rows, children = featurize_watching_children(str(tmp_path / "set.npy"), workers=1)
+
+    assert children == {1}  # strided: not a plain copy of a byte range
+    np.testing.assert_array_equal(rows, images.astype(np.float32).mean(axis=(1, 2)))

@@ -27,6 +27,7 @@ from evalfarm.sources import (
     ZipSource,
     open_source,
 )
+from evalfarm.sources.arrays import _FileRows
 
 N, H, W = 20, 8, 8
 KINDS = ["folder", "npz", "npz_compressed", "npy", "tar", "tar_gz", "zip"]
@@ -163,14 +164,21 @@ def test_open_source_picks_the_class_by_kind(sample_sets: dict[str, Path]) -> No
 # -- arrays are read by range, not loaded --------------------------------------------------------------------
 
 
-def test_uncompressed_npz_is_memory_mapped(sample_sets: dict[str, Path]) -> None:
-    source = open_source(str(sample_sets["npz"]))
-    assert isinstance(source._backing(), np.memmap)
+@pytest.mark.parametrize("kind", ["npz", "npy"])
+def test_a_local_array_is_read_by_range_from_its_file_not_loaded(sample_sets: dict[str, Path], kind: str) -> None:
+    source = open_source(str(sample_sets[kind]))
+    assert isinstance(source._backing(), _FileRows)
+    assert source.copies_ranges  # read by a thread in the featurizing process, not by loader processes
 
 
-def test_npy_is_memory_mapped(sample_sets: dict[str, Path]) -> None:
-    source = open_source(str(sample_sets["npy"]))
-    assert isinstance(source._backing(), np.memmap)
+def test_an_array_truncated_while_it_is_read_is_a_clean_error(tmp_path: Path, images: np.ndarray) -> None:
+    np.save(tmp_path / "set.npy", images)
+    source = open_source(str(tmp_path / "set.npy"))
+    source.read(0, 4)
+    os.truncate(tmp_path / "set.npy", (tmp_path / "set.npy").stat().st_size // 2)  # rewritten by its producer
+
+    with pytest.raises(SourceError, match=r"set.npy\[\d+:\d+\].*ends .* bytes early"):
+        source.read(len(images) - 4, len(images))
 
 
 def _rss_file_kib() -> int:

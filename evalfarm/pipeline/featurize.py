@@ -1,12 +1,13 @@
 """Featurizing one index range of a source: the unit of work of a shard, embedded or on a farm worker.
 
 Decoding and resizing run in DataLoader worker processes while the network runs in this one, so a
-GPU is not starved by PIL; an array source, which decodes nothing, is read by a thread one batch ahead.
+GPU is not starved by PIL; a local array, which decodes nothing, is read by a thread one batch ahead.
 Memory stays bounded by a few batches plus the shard's own features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,10 +72,11 @@ class _BatchDataset(Dataset):
 
 
 def _batches(dataset: _BatchDataset, workers: int, *, pin: bool) -> Iterator[Any]:
-    """The range's batches, in order. A source that decodes gets `workers` loader processes. An array source
-    only copies, so one thread reads a batch ahead instead: starting and stopping loader processes cost a
-    shard 100-150 ms on the benchmark machine, more than the copies they took off the network's thread."""
-    if dataset.source.decodes and workers > 0:
+    """The range's batches, in order. A source that decodes gets `workers` loader processes. A local array
+    only copies (`Source.copies_ranges`), so one thread reads a batch ahead instead: starting and stopping
+    loader processes cost a shard 100-150 ms on the benchmark machine, more than the copies they took off
+    the network's thread."""
+    if not dataset.source.copies_ranges and workers > 0:
         yield from DataLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin, prefetch_factor=4)
         return
 
@@ -82,12 +84,15 @@ def _batches(dataset: _BatchDataset, workers: int, *, pin: bool) -> Iterator[Any
         batch = dataset[b]
         return batch.pin_memory() if pin and isinstance(batch, torch.Tensor) else batch
 
-    with ThreadPoolExecutor(1, thread_name_prefix="evalfarm-read") as reader:
+    reader = ThreadPoolExecutor(1, thread_name_prefix="evalfarm-read")
+    try:
         ahead = reader.submit(read, 0) if len(dataset) else None
         for b in range(len(dataset)):
             batch = ahead.result()
             ahead = reader.submit(read, b + 1) if b + 1 < len(dataset) else None
             yield batch
+    finally:  # the consumer stopped early (an error, a cancel): the batch read ahead is not waited for
+        reader.shutdown(wait=False, cancel_futures=True)
 
 
 def default_num_workers(processes: int = 1) -> int:
@@ -136,25 +141,26 @@ def featurize_extractors(
         for f in featurizers
     }
     done = 0
-    for batch in loader:
-        if isinstance(batch, _Failed):
-            raise SourceError(batch.message)
-        if should_stop is not None and should_stop():
-            raise JobCancelled("the job was cancelled")
-        n = 0
-        for f in featurizers:
-            features = f(batch[f.input_size] if isinstance(batch, dict) else batch)
-            n = len(features)
-            if not np.all(np.isfinite(features)):
-                bad = start + done + int(np.argwhere(~np.isfinite(features).all(axis=1))[0, 0])
-                raise MetricInputError(f"non-finite {f.name} features for {source.name_of(bad)}")
-            if f.name in sinks:  # first: the sink's thread writes them while the statistics are summed
-                sinks[f.name].write(features)
-            if split_ids is not None and f.name == INCEPTION:
-                stats[f.name].add(features, f.logits(features), split_ids[done : done + n])
-            else:
-                stats[f.name].add(features)
-        done += n
-        if on_batch is not None:
-            on_batch(n)
+    with contextlib.closing(loader):  # an error mid-range ends the reads (loader processes, or the thread)
+        for batch in loader:
+            if isinstance(batch, _Failed):
+                raise SourceError(batch.message)
+            if should_stop is not None and should_stop():
+                raise JobCancelled("the job was cancelled")
+            n = 0
+            for f in featurizers:
+                features = f(batch[f.input_size] if isinstance(batch, dict) else batch)
+                n = len(features)
+                if not np.all(np.isfinite(features)):
+                    bad = start + done + int(np.argwhere(~np.isfinite(features).all(axis=1))[0, 0])
+                    raise MetricInputError(f"non-finite {f.name} features for {source.name_of(bad)}")
+                if f.name in sinks:  # first: the sink's thread writes them while the statistics are summed
+                    sinks[f.name].write(features)
+                if split_ids is not None and f.name == INCEPTION:
+                    stats[f.name].add(features, f.logits(features), split_ids[done : done + n])
+                else:
+                    stats[f.name].add(features)
+            done += n
+            if on_batch is not None:
+                on_batch(n)
     return stats

@@ -7,8 +7,6 @@ a compressed `.npz` member is decompressed as a stream (see `ArraySource`).
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 import os
 import struct
 import threading
@@ -84,12 +82,44 @@ class _RangeReader:
                 obj.close()
 
 
+class _FileRows:
+    """Image ranges of a C-ordered uint8 array in a local file, read with `pread` into a fresh array. Not a
+    mapping: a file truncated under a mapping kills the reading process (SIGBUS), where a short read here is
+    a clean error; and nothing of the file stays in the process's memory once a batch is copied out. `pread`
+    moves no shared file offset, so threads and forked processes may read at once."""
+
+    def __init__(self, path: str, offset: int, shape: tuple[int, ...]) -> None:
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by `close`, or with this object
+        self.offset, self.shape = offset, shape
+        self.item_bytes = int(np.prod(shape[1:]))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = np.empty((stop - start, *self.shape[1:]), np.uint8)
+        view = memoryview(out).cast("B")
+        at, done = self.offset + start * self.item_bytes, 0
+        while done < len(view):
+            if hasattr(os, "preadv"):
+                n = os.preadv(self.file.fileno(), [view[done:]], at + done)
+            else:  # no preadv (macOS before 11): one more copy
+                data = os.pread(self.file.fileno(), len(view) - done, at + done)
+                view[done : done + len(data)] = data
+                n = len(data)
+            if n == 0:
+                raise EOFError(f"file ends {len(view) - done} bytes early: it changed since it was opened")
+            done += n
+        return out
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ArraySource(Source):
     """Images from a `.npy`, or from one array of a `.npz` (`arr_0`, else its only array).
 
     Access per kind, set up lazily once per process:
-    - local `.npy` / uncompressed `.npz` member (`np.savez`): `np.memmap` at the array's data offset (for
-      `.npz`, found through the member's zip local header), so reading image i touches only its pages;
+    - local `.npy` / uncompressed `.npz` member (`np.savez`): `pread` of the requested images' bytes at the
+      array's data offset (for `.npz`, found through the member's zip local header), so reading image i reads
+      only its bytes; such a source is read by a thread in the featurizing process (`copies_ranges`);
     - remote (fsspec) `.npy` / uncompressed member: seek+read of the byte range of the requested images;
     - compressed member (`np.savez_compressed`): the member is decompressed as a stream, nothing is cached.
       Reading forward (what an evaluation does, also per DataLoader worker) costs one decompression pass per
@@ -99,7 +129,10 @@ class ArraySource(Source):
     """
 
     _handle_attrs = ("_data",)
-    decodes = False
+
+    @property
+    def copies_ranges(self) -> bool:
+        return not (self._remote or self._compressed or self._fortran)
 
     def __init__(self, uri: str) -> None:
         super().__init__(uri)
@@ -219,9 +252,9 @@ class ArraySource(Source):
         if self.shape[0] == 0:
             return np.empty(self.shape, dtype=np.uint8)
         if not self._remote and not self._compressed:
-            order = "F" if self._fortran else "C"
-            offset, shape = self._offset, self.shape
-            return np.memmap(self._path, np.uint8, mode="r", offset=offset, shape=shape, order=order)
+            if not self._fortran:
+                return _FileRows(self._path, self._offset, self.shape)
+            return np.memmap(self._path, np.uint8, mode="r", offset=self._offset, shape=self.shape, order="F")
         raw = open_binary(self._path)
         try:
             if not self._compressed:
@@ -257,12 +290,10 @@ class ArraySource(Source):
             return []
         data = self._backing()
         try:
-            raw = data.read(start, stop) if isinstance(data, _RangeReader) else data[start:stop]
+            raw = data.read(start, stop) if isinstance(data, (_RangeReader, _FileRows)) else data[start:stop]
             batch = rgb_batch(raw)
         except Exception as exc:
             raise SourceError(f"cannot read {self.uri}[{start}:{stop}]: {reason(exc)}") from exc
-        if isinstance(data, np.memmap):
-            _unmap_rows(data, start, stop)
         return list(batch)
 
     def _compute_hash(self) -> str:
@@ -271,25 +302,6 @@ class ArraySource(Source):
     def describe_empty(self) -> str:
         what = f"array {self.key!r}" if self.key else "its array"
         return f"{self.uri} contains no images: {what} has shape {tuple(self.shape)}"
-
-
-def _unmap_rows(data: np.memmap, start: int, stop: int) -> None:
-    """Give back the pages of rows [start, stop) once they are copied out (they stay in the page cache): a
-    process that reads a whole set through its mapping must not look as large as the set (RSS, and a
-    cgroup's memory limit, count mapped pages). Only the pages wholly inside those rows: a neighbour's rows
-    are left mapped."""
-    mm = getattr(data, "_mmap", None)
-    if mm is None or not data.flags.c_contiguous or stop <= start:
-        return
-    row = data.strides[0]
-    base = data.offset - data.offset % mmap.ALLOCATIONGRANULARITY  # where the mapping starts in the file
-    lo = data.offset - base + start * row
-    hi = data.offset - base + stop * row
-    lo += -lo % mmap.PAGESIZE
-    hi -= hi % mmap.PAGESIZE
-    if hi > lo:
-        with contextlib.suppress(OSError, ValueError):  # an advice, never a failure
-            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 class _Closer:

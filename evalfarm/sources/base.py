@@ -127,8 +127,6 @@ class Source(abc.ABC):
     """
 
     _handle_attrs: ClassVar[tuple[str, ...]] = ()
-    decodes: ClassVar[bool] = True
-    """Whether reading decodes encoded files (CPU work worth loader processes); an array source only copies."""
     uri: str
 
     def __init__(self, uri: str) -> None:
@@ -168,6 +166,12 @@ class Source(abc.ABC):
         """What another process can open this source from without listing it again (`open_source(index=)`),
         where listing is costly: a tar's member index. None for the others."""
         return None
+
+    @property
+    def copies_ranges(self) -> bool:
+        """Whether reading a range is a plain copy from a local file (no decoding, no stream): such a source is
+        read by a thread in the featurizing process, not by loader processes, which cost more to start."""
+        return False
 
     def describe_empty(self) -> str:
         """The message `open_source` gives when there is nothing to read; subclasses say where they looked."""
