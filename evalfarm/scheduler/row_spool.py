@@ -14,13 +14,10 @@ nothing, as with any other write to the feature store.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from typing import IO
 
 import numpy as np
 
-from evalfarm.scheduler.store import FeatureStore, HashingWriter
+from evalfarm.scheduler.store import FeatureStore, HashingWriter, ThreadedCalls
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +34,14 @@ class RowSpool:
     def __init__(self, store: FeatureStore, key: str, n: int, dim: int, *, depth: int = SPOOL_DEPTH) -> None:
         self.key, self.n, self.dim = key, n, dim
         self._writer = store.writer(key)
-        self._out = HashingWriter(self._writer.__enter__())
+        out = HashingWriter(self._writer.__enter__())
+        self._out = out
         self._queued = 0
-        self._error: BaseException | None = None
         self._open = True
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=depth)
         try:
-            np.lib.format.write_array_header_1_0(
-                self._out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
-            self._thread = threading.Thread(target=self._drain, args=(self._out,), name=f"rows {key}", daemon=True)
-            self._thread.start()
+            np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+            self._rows = ThreadedCalls(lambda block: out.write(block.reshape(-1).view(np.uint8)), depth,
+                                       f"rows {key}")
         except BaseException as exc:
             self._open = False
             self._writer.__exit__(type(exc), exc, exc.__traceback__)  # removes the temporary file
@@ -54,39 +49,27 @@ class RowSpool:
 
     def write(self, rows: np.ndarray) -> None:
         """Queue a batch's rows (copied: the caller may reuse its buffer); a failed write surfaces here."""
-        if self._error is not None:
-            raise self._error
+        self._rows.raise_failure()
         block = np.array(rows, dtype="<f4", order="C", copy=True)
         if block.ndim != 2 or block.shape[1] != self.dim:
             raise ValueError(f"rows of shape {block.shape} for a file of {self.dim} features")
         if self._queued + len(block) > self.n:
             raise ValueError(f"more than the {self.n} rows {self.key} was opened for")
         self._queued += len(block)
-        self._queue.put(block)
-
-    def _drain(self, out: IO[bytes]) -> None:
-        while (block := self._queue.get()) is not None:
-            if self._error is None:
-                try:
-                    out.write(block.reshape(-1).view(np.uint8))
-                except BaseException as exc:  # noqa: BLE001 - handed to the shard's thread, raised there
-                    self._error = exc
-
-    def _stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+        self._rows.put(block)
 
     def close(self) -> str:
         """Wait for the rows still queued, put the file in place and return its SHA-256 (the whole file's)."""
         if not self._open:
             raise ValueError(f"{self.key}: the spool was already closed")
-        self._stop()
+        self._rows.stop()
         self._open = False
-        if self._error is None and self._queued != self.n:
-            self._error = ValueError(f"{self._queued} rows written to {self.key}, opened for {self.n}")
-        if self._error is not None:
+        error = self._rows.failure
+        if error is None and self._queued != self.n:
+            error = ValueError(f"{self._queued} rows written to {self.key}, opened for {self.n}")
+        if error is not None:
             self._writer.__exit__(_Aborted, _Aborted(), None)
-            raise self._error
+            raise error
         self._writer.__exit__(None, None, None)
         return self._out.hexdigest()
 
@@ -97,7 +80,7 @@ class RowSpool:
         if not self._open:
             return
         self._open = False
-        self._stop()
+        self._rows.stop()
         try:
             self._writer.__exit__(_Aborted, _Aborted(), None)
         except _Aborted:

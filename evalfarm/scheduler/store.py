@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -156,6 +156,43 @@ class FeatureStore:
 
 
 
+class ThreadedCalls:
+    """`fn(item)` for each item `put`, in order, in a thread of its own, through a queue of `depth` items:
+    hashing or writing beside the caller's work (SHA-256 and file writes release the GIL). The first failure
+    is kept and raised to the caller by its next `put` (and by `raise_failure`); later items are drained
+    without a call, so that a caller never blocks on a full queue."""
+
+    def __init__(self, fn: Callable[[Any], object], depth: int, name: str) -> None:
+        self._fn = fn
+        self.failure: BaseException | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._thread: threading.Thread | None = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.failure is None:
+                try:
+                    self._fn(item)
+                except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread instead
+                    self.failure = exc
+
+    def put(self, item: Any) -> None:
+        self.raise_failure()
+        self._queue.put(item)
+
+    def stop(self) -> None:
+        """Wait for the items queued and end the thread (idempotent); raises nothing (see `raise_failure`)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def raise_failure(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+
 class HashingWriter:
     """Writes through to `out` and hashes the bytes as they pass (SHA-256): one pass over a value, where
     encoding, hashing and writing it would be three. Unseekable on purpose: a zip written into it streams.
@@ -167,46 +204,26 @@ class HashingWriter:
 
     def __init__(self, out: IO[bytes], *, threaded: bool = False) -> None:
         self.out, self._sha = out, hashlib.sha256()
-        self._queue: queue.Queue[Any] | None = None
-        if threaded:
-            self._queue = queue.Queue(maxsize=HASH_QUEUE_DEPTH)
-            self._thread = threading.Thread(target=self._hash, args=(self._queue,), name="sha256", daemon=True)
-            self._thread.start()
+        self._hasher = ThreadedCalls(self._sha.update, HASH_QUEUE_DEPTH, "sha256") if threaded else None
 
     def write(self, data: Any) -> int:
-        if self._queue is None:
+        if self._hasher is None:
             self._sha.update(data)
         else:
-            self._raise_failure()
-            self._queue.put(data)
+            self._hasher.put(data)
         return self.out.write(data)
-
-    def _hash(self, pending: queue.Queue[Any]) -> None:
-        while (data := pending.get()) is not None:
-            if self._failure is None:  # after a failure, keep draining: a writer must never block on a full queue
-                try:
-                    self._sha.update(data)
-                except BaseException as exc:  # noqa: BLE001 - raised in the writer's thread instead
-                    self._failure = exc
-
-    _failure: BaseException | None = None
-
-    def _raise_failure(self) -> None:
-        if self._failure is not None:
-            raise self._failure
 
     def flush(self) -> None:
         self.out.flush()
 
     def close(self) -> None:
         """Wait for the hashing thread, if any, and end it (a write that failed half-way must call this too)."""
-        if self._queue is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._queue = None
+        if self._hasher is not None:
+            self._hasher.stop()
 
     def hexdigest(self) -> str:
         """The digest of everything written; raises what the hashing thread met rather than give a wrong one."""
-        self.close()
-        self._raise_failure()
+        if self._hasher is not None:
+            self._hasher.stop()
+            self._hasher.raise_failure()
         return self._sha.hexdigest()
