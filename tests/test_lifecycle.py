@@ -558,7 +558,7 @@ def test_a_worker_whose_lease_expired_cannot_finish_the_shard_it_lost(
     assert run(ctx, job_id, shard, extractor, lease_s=LEASE_S, worker="rescuer") is False
     done = rows(ctx, job_id)[shard]
 
-    assert records.finish_shard(ctx.sessions, stale, seconds=1.0) is False  # the stalled worker wakes up
+    assert records.finish_shard(ctx.sessions, stale, seconds=1.0) is records.Finish.LOST  # the stalled worker wakes up
 
     again = rows(ctx, job_id)[shard]
     assert (again.state, again.attempts, again.worker, again.seconds) == (ShardState.DONE, 2, "rescuer", done.seconds)

@@ -7,6 +7,7 @@ and a second reducer agree on one outcome: shards are keyed by (job, side, index
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import uuid
@@ -297,8 +298,8 @@ def claim_shard(
 ) -> ShardClaim | None:
     """pending/running → running under this worker, or None when there is nothing to do: the job is no longer
     running, the shard is done (a duplicate delivery), or another worker holds a live lease on it."""
-    with sessions.begin() as s:
-        job = s.get(Job, job_id)
+    with sessions.begin() as s:  # the job's row alone, not its (thousands of) shards and results
+        job = s.get(Job, job_id, options=[lazyload(Job.shards), lazyload(Job.results)])
         shard = s.scalar(select(Shard).where(Shard.job_id == job_id, Shard.side == side, Shard.index == index))
         if job is None or shard is None or job.state != JobState.RUNNING or shard.state == ShardState.DONE:
             return None
@@ -337,20 +338,34 @@ def beat(sessions: Sessions, claim: ShardClaim) -> JobState | None:
         return s.scalar(select(Job.state).where(Job.id == claim.job.id)) if held else None
 
 
-def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> bool:
-    """running → done for the claim that still holds the shard in a running job; False when it no longer does
-    (its job ended, or its lease expired and another attempt took over): a final row never changes."""
-    running = select(Job.id).where(Job.id == claim.job.id, Job.state == JobState.RUNNING)
+class Finish(enum.Enum):
+    """What `finish_shard` did with a claim."""
+
+    LOST = "lost"  #: nothing: the job ended, or the lease expired and another attempt holds the shard
+    DONE = "done"  #: the shard is done, and others are left
+    LAST = "last"  #: the shard is done, it was the job's last, and the job is now reducing (this caller reduces)
+
+
+def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> Finish:
+    """running → done for the claim that still holds the shard in a running job, and running → reducing for
+    the job when no shard is left, in one transaction: a final row never changes.
+
+    The job's row is locked first, so the finishes of one job's shards take turns: the last one's count sees
+    every other as done, and exactly one finish makes the move (a count in the finishing transaction without
+    the lock would let two concurrent last shards each see the other as running, and neither move the job)."""
     with sessions.begin() as s:
+        state = s.scalar(select(Job.state).where(Job.id == claim.job.id).with_for_update())
+        if state != JobState.RUNNING:
+            return Finish.LOST
         done = s.execute(
             update(Shard)
-            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt,
-                   Shard.job_id.in_(running))
+            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt)
             .values(state=ShardState.DONE, finished_at=utcnow(), seconds=seconds, error=None)
         ).rowcount == 1
-        if done:
-            _count(s, {SHARDS_DONE: 1, IMAGES_FEATURIZED: claim.stop - claim.start})
-        return done
+        if not done:
+            return Finish.LOST
+        _count(s, {SHARDS_DONE: 1, IMAGES_FEATURIZED: claim.stop - claim.start})
+        return Finish.LAST if _start_reduce(s, claim.job.id) else Finish.DONE
 
 
 def _count(s: Session, increments: dict[str, int]) -> None:
@@ -363,16 +378,20 @@ def _count(s: Session, increments: dict[str, int]) -> None:
 def try_start_reduce(sessions: Sessions, job_id: str) -> bool:
     """running → reducing once no shard is left; True for exactly one caller."""
     with sessions.begin() as s:
-        left = s.scalar(
-            select(func.count()).select_from(Shard).where(Shard.job_id == job_id, Shard.state != ShardState.DONE)
-        )
-        if left:
-            return False
-        return s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING)
-            .values(state=JobState.REDUCING, enqueued_at=utcnow(), heartbeat_at=None, attempts=0)
-        ).rowcount == 1
+        return _start_reduce(s, job_id)
+
+
+def _start_reduce(s: Session, job_id: str) -> bool:
+    left = s.scalar(
+        select(func.count()).select_from(Shard).where(Shard.job_id == job_id, Shard.state != ShardState.DONE)
+    )
+    if left:
+        return False
+    return s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.REDUCING, enqueued_at=utcnow(), heartbeat_at=None, attempts=0)
+    ).rowcount == 1
 
 
 def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int, error: str, *, final: bool) -> None:
@@ -381,6 +400,7 @@ def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int,
     job that has ended, and finished shards, keep their state."""
     live = select(Job.id).where(Job.id == job_id, Job.state.not_in(FINAL_STATES))
     with sessions.begin() as s:
+        s.execute(select(Job.id).where(Job.id == job_id).with_for_update())  # finish_shard's lock order: job, shard
         changed = s.execute(
             update(Shard)
             .where(Shard.job_id.in_(live), Shard.side == side, Shard.index == index,

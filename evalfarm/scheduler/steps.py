@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from evalfarm import keys
 from evalfarm._version import __version__
 from evalfarm.config import EvalConfig
@@ -187,7 +189,7 @@ def run_shard(
     if missing:
         raise JobError(f"this worker was not given the {', '.join(missing)} extractor the job needs")
     if side == SAMPLES and not job.is_reference_job and "is" in config.metrics:
-        split_ids = split_assignment(n_side, config.splits, config.seed)[claim.start : claim.stop]
+        split_ids = _split_ids(n_side, config.splits, config.seed)[claim.start : claim.stop]
     beat = functools.partial(records.beat, ctx.sessions, claim)
     kept = {e for e in config.featurizers if job.keeps_features(side, e)}
     with contextlib.ExitStack() as spooled:
@@ -215,9 +217,11 @@ def run_shard(
                 raise
             ctx.partials.discard(job_id, side, index)
             raise JobCancelled("the job ended while the shard ran") from None
-    # finish_shard holds only while the job runs: a shard of a job that ended meanwhile (a one-batch shard never
-    # saw the loop's check) takes its files back below, instead of a query before writing them.
-    if not records.finish_shard(ctx.sessions, claim, seconds):
+    # finish_shard holds only while the job runs (and moves it to reducing after its last shard): a shard of a job
+    # that ended meanwhile (a one-batch shard never saw the loop's check) takes its files back below, instead of
+    # a query before writing them.
+    finished = records.finish_shard(ctx.sessions, claim, seconds)
+    if finished is records.Finish.LOST:
         if _ended(ctx, job_id):
             ctx.partials.discard(job_id, side, index)  # the job ended meanwhile: leave nothing behind
             raise JobCancelled("the job ended while the shard ran")
@@ -225,7 +229,16 @@ def run_shard(
         # its row stands for, and should the two writes have interleaved, the digests tell the reducer, which
         # recomputes the shard. Never discard here: the files may be the finished attempt's.
         return False
-    return records.try_start_reduce(ctx.sessions, job_id)
+    return finished is records.Finish.LAST  # the move to reducing was made with the finish
+
+
+@functools.lru_cache(maxsize=2)
+def _split_ids(n: int, splits: int, seed: int) -> np.ndarray:
+    """Every sample's IS split, once per process and job: the permutation behind it costs 70 ms at 1M samples,
+    which every shard of the job would pay again (read-only: the slices handed out share it)."""
+    ids = split_assignment(n, splits, seed)
+    ids.setflags(write=False)
+    return ids
 
 
 def _ended(ctx: Context, job_id: str) -> bool:

@@ -6,14 +6,17 @@ connection opened in the parent would be shared by every child.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 
 from celery import signals
 
+from evalfarm.config import EvalConfig
 from evalfarm.keys import INCEPTION
 from evalfarm.models import Weights
 from evalfarm.models.featurizers import Featurizer, build_featurizer, load_weights_for
+from evalfarm.scheduler import records
 from evalfarm.scheduler.context import Context, farm_context
 from evalfarm.settings import get_settings
 
@@ -55,6 +58,13 @@ def featurizers(names: tuple[str, ...], precision: str) -> list[Featurizer]:
     while len(_featurizers) > max(MAX_HELD, len(names)):
         del _featurizers[next(iter(_featurizers))]
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def job_config(job_id: str) -> EvalConfig:
+    """A job's configuration, read once per process: it never changes after submission, and a shard's task
+    needs it before its claim (which networks to hold) - one transaction per shard less."""
+    return records.get_job(context().sessions, job_id).config
 
 
 def worker_name() -> str:

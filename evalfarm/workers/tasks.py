@@ -116,7 +116,7 @@ def plan_job_task(job_id: str) -> None:
 def featurize_shard(job_id: str, side: str, index: int) -> None:
     """Featurize one shard; the shard that completes the job enqueues its reduce."""
     ctx, settings = runtime.context(), get_settings()
-    config = records.get_job(ctx.sessions, job_id).config
+    config = runtime.job_config(job_id)
     ready = steps.run_shard(
         ctx, job_id, side, index, runtime.featurizers(config.featurizers, config.precision),
         worker=runtime.worker_name(),
