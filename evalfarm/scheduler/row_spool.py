@@ -17,6 +17,7 @@ import logging
 
 import numpy as np
 
+from evalfarm.metrics.stats import write_npy_header
 from evalfarm.scheduler.store import FeatureStore, HashingWriter, ThreadedCalls
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class RowSpool:
         self._queued = 0
         self._open = True
         try:
-            np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": (n, dim)})
+            write_npy_header(out, np.dtype("<f4"), (n, dim))
             self._rows = ThreadedCalls(lambda block: out.write(block.reshape(-1).view(np.uint8)), depth,
                                        f"rows {key}")
         except BaseException as exc:
