@@ -27,7 +27,7 @@ from evalfarm.sources import (
     ZipSource,
     open_source,
 )
-from evalfarm.sources.arrays import _FileRows
+from evalfarm.sources.arrays import _RangeReader
 
 N, H, W = 20, 8, 8
 KINDS = ["folder", "npz", "npz_compressed", "npy", "tar", "tar_gz", "zip"]
@@ -167,7 +167,7 @@ def test_open_source_picks_the_class_by_kind(sample_sets: dict[str, Path]) -> No
 @pytest.mark.parametrize("kind", ["npz", "npy"])
 def test_a_local_array_is_read_by_range_from_its_file_not_loaded(sample_sets: dict[str, Path], kind: str) -> None:
     source = open_source(str(sample_sets[kind]))
-    assert isinstance(source._backing(), _FileRows)
+    assert isinstance(source._backing(), _RangeReader) and source._backing()._fd is not None  # pread
     assert source.copies_ranges  # read by a thread in the featurizing process, not by loader processes
 
 

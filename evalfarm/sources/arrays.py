@@ -1,16 +1,18 @@
 """Sample sets stored as one uint8 array: `.npy`, or `.npz` as guided-diffusion / ADM samplers write them.
 
 These files are often tens of GB, so images are read by index range without loading the whole array:
-a local `.npy` or uncompressed `.npz` member is memory-mapped; a remote one (fsspec) is read with seek+read;
+a local `.npy` or uncompressed `.npz` member is read with `pread`; a remote one (fsspec) with seek+readinto;
 a compressed `.npz` member is decompressed as a stream (see `ArraySource`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
 import zipfile
+from collections.abc import Callable
 from typing import IO, Any
 
 import numpy as np
@@ -62,19 +64,35 @@ def read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 
 class _RangeReader:
-    """Image ranges of a C-ordered uint8 array by seek+read on a stream (an fsspec file, a zip member)."""
+    """Image ranges of a C-ordered uint8 array, each read into a fresh batch: with `pread` from a local file,
+    by seek and `readinto` (under a lock) from a stream (an fsspec file, a zip member).
+
+    Never a mapping: a file truncated under a mapping kills the reading process (SIGBUS), where a short read
+    here is a clean error, and nothing of the file stays in the process's memory once a batch is copied out.
+    `pread` moves no shared file offset, so threads and forked processes may read a local file at once."""
 
     def __init__(self, fp: IO[bytes], offset: int, shape: tuple[int, ...], owner: Any = None) -> None:
         self.fp, self.offset, self.shape = fp, offset, shape
         self.owner = owner  # keeps the ZipFile / raw file under a member stream alive
         self.item_bytes = int(np.prod(shape[1:]))
         self.lock = threading.Lock()
+        self._fd = fp.fileno() if isinstance(fp, io.FileIO) and hasattr(os, "preadv") else None
+
+    @classmethod
+    def of_file(cls, path: str, offset: int, shape: tuple[int, ...]) -> _RangeReader:
+        return cls(open(path, "rb", buffering=0), offset, shape)  # noqa: SIM115 - closed by `close`
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        with self.lock:
-            self.fp.seek(self.offset + start * self.item_bytes)
-            data = _read_exact(self.fp, (stop - start) * self.item_bytes)
-        return np.frombuffer(data, dtype=np.uint8).reshape((stop - start, *self.shape[1:]))
+        out = np.empty((stop - start, *self.shape[1:]), np.uint8)
+        view = memoryview(out).cast("B")
+        at = self.offset + start * self.item_bytes
+        if self._fd is not None:
+            _fill(view, lambda part, done: os.preadv(self._fd, [part], at + done))
+        else:
+            with self.lock:
+                self.fp.seek(at)
+                _fill(view, lambda part, done: self.fp.readinto(part))
+        return out
 
     def close(self) -> None:
         for obj in (self.fp, self.owner):
@@ -82,35 +100,14 @@ class _RangeReader:
                 obj.close()
 
 
-class _FileRows:
-    """Image ranges of a C-ordered uint8 array in a local file, read with `pread` into a fresh array. Not a
-    mapping: a file truncated under a mapping kills the reading process (SIGBUS), where a short read here is
-    a clean error; and nothing of the file stays in the process's memory once a batch is copied out. `pread`
-    moves no shared file offset, so threads and forked processes may read at once."""
-
-    def __init__(self, path: str, offset: int, shape: tuple[int, ...]) -> None:
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by `close`, or with this object
-        self.offset, self.shape = offset, shape
-        self.item_bytes = int(np.prod(shape[1:]))
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - start, *self.shape[1:]), np.uint8)
-        view = memoryview(out).cast("B")
-        at, done = self.offset + start * self.item_bytes, 0
-        while done < len(view):
-            if hasattr(os, "preadv"):
-                n = os.preadv(self.file.fileno(), [view[done:]], at + done)
-            else:  # no preadv (macOS before 11): one more copy
-                data = os.pread(self.file.fileno(), len(view) - done, at + done)
-                view[done : done + len(data)] = data
-                n = len(data)
-            if n == 0:
-                raise EOFError(f"file ends {len(view) - done} bytes early: it changed since it was opened")
-            done += n
-        return out
-
-    def close(self) -> None:
-        self.file.close()
+def _fill(view: memoryview, read_into: Callable[[memoryview, int], int | None]) -> None:
+    """Fill `view` by `read_into(the part left, bytes done so far)` calls; a file that ends first is an error."""
+    done = 0
+    while done < len(view):
+        n = read_into(view[done:], done)
+        if not n:
+            raise EOFError(f"file ends {len(view) - done} bytes early: it changed since it was opened")
+        done += n
 
 
 class ArraySource(Source):
@@ -253,7 +250,7 @@ class ArraySource(Source):
             return np.empty(self.shape, dtype=np.uint8)
         if not self._remote and not self._compressed:
             if not self._fortran:
-                return _FileRows(self._path, self._offset, self.shape)
+                return _RangeReader.of_file(self._path, self._offset, self.shape)
             return np.memmap(self._path, np.uint8, mode="r", offset=self._offset, shape=self.shape, order="F")
         raw = open_binary(self._path)
         try:
@@ -290,7 +287,7 @@ class ArraySource(Source):
             return []
         data = self._backing()
         try:
-            raw = data.read(start, stop) if isinstance(data, (_RangeReader, _FileRows)) else data[start:stop]
+            raw = data.read(start, stop) if isinstance(data, _RangeReader) else data[start:stop]
             batch = rgb_batch(raw)
         except Exception as exc:
             raise SourceError(f"cannot read {self.uri}[{start}:{stop}]: {reason(exc)}") from exc
