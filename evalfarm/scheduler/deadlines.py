@@ -31,8 +31,9 @@ def find_lost_work(sessions: Sessions, *, lease_s: float, pending_s: float, brok
       more than `pending_s` ago without a reducer starting;
     - a pending shard or a queued job whose message was sent more than `pending_s` ago (a task that died
       before it could record anything, a message dropped by a failing broker);
-    - a running job whose shards are all done, whose move to reducing was lost (an outage between the last
-      shard's commit and that move): it is moved now;
+    - a running job whose shards are all done but which is not reducing: it is moved now. The last shard's
+      finish makes that move in its own transaction, so this is a safety net (shards finished by a worker of
+      an earlier version, which moved the job in a second transaction that an outage could lose);
     - with `broker_lost` (the broker restarted empty or was flushed), every unfinished step at once.
 
     What it returns is marked as sent now, so the next pass does not send it again before its deadline.

@@ -176,8 +176,8 @@ def run_shard(
         ctx.sessions, job_id, side, index, worker=worker, weights={n: f.weights.sha256 for n, f in held.items()},
         lease_s=lease_s, max_attempts=max_attempts,
     )
-    if claim is None:  # cancelled, failed, running elsewhere, or done: then perhaps the move to reducing was
-        return records.try_start_reduce(ctx.sessions, job_id)  # lost in an outage, and this makes it
+    if claim is None:  # cancelled, failed, running elsewhere, or done (a redelivery). The last finish moved the
+        return records.try_start_reduce(ctx.sessions, job_id)  # job on; should it not have, this does
     job = claim.job
     side_plan = job.plan.side(side)  # its uri is the resolved one (a named reference's images, not its name)
     uri, n_side = side_plan.uri, side_plan.n
