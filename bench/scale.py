@@ -347,6 +347,12 @@ def run(report: Report, *, root: Path, quick: bool = False, ns: list[int] | None
     for n in ns[1:]:
         label = f"{label_of(n)}.s{smax}.w{kmax}"
         runs[label] = farm_run(report, root, sets[n], ref, kmax, smax, label, engine)
+    # The overhead a shard costs its worker, at the largest N, with the worker not sharing its cores with
+    # other featurizing workers (a GPU host runs one worker per GPU, each with cores of its own); the runs with
+    # more workers than these 2 cores measure the overhead plus the wait for a core.
+    solo = f"{label_of(big)}.s{smax}.w1"
+    if big != small and 1 in workers:
+        runs[solo] = farm_run(report, root, sets[big], ref, 1, smax, solo, engine)
     if big == small:
         big_embedded = expected
     elif big <= EMBEDDED_MAX_N:
@@ -369,7 +375,9 @@ def run(report: Report, *, root: Path, quick: bool = False, ns: list[int] | None
     best = f"{label_of(small)}.s{shard_sizes[0]}.w{kmax}"
     at_big = f"{label_of(big)}.s{smax}.w{kmax}"
     tracked.update(
-        overhead_ms_per_shard_median=report.get(f"scale.{at_big}.overhead_ms_per_shard_median"),
+        overhead_ms_per_shard_median=report.get(f"scale.{label_of(big)}.s{smax}.w1.overhead_ms_per_shard_median"),
+        overhead_ms_per_shard_median_4_workers=report.get(f"scale.{at_big}.overhead_ms_per_shard_median")
+        if kmax == 4 else None,
         shards_per_s_4_workers=report.get(f"scale.{best}.shards_per_s") if kmax == 4 else None,
         coordinated_shards_per_s_4_workers=report.get(f"scale.{coord}.shards_per_s") if kmax == 4 else None,
         reducer_s_1m=report.get(f"scale.{at_big}.reducer_s") if big == 1_000_000 else None,
