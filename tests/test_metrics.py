@@ -289,6 +289,11 @@ def test_split_stats_stay_finite_when_softmax_underflows() -> None:
     assert mean == pytest.approx(1.0) and std == pytest.approx(0.0)
 
 
+def test_split_ids_of_another_length_than_the_logits_are_refused() -> None:
+    with pytest.raises(ValueError, match="3 split ids for 4 rows"):
+        split_stats(np.zeros((4, 5)), np.array([0, 1, 0]), 2)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Inception Score
 # --------------------------------------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
-"""A shard's finish on Postgres: the shard is done and, after a job's last shard, the job is reducing, in one
-transaction; when a job's last shards finish at the same moment, exactly one of them moves the job on.
+"""A shard's finish: the shard is done and, after a job's last shard, the job is reducing, in one transaction;
+when a job's last shards finish at the same moment, exactly one of them moves the job on; a job that ended
+gets no shard done.
 
-Real Postgres (the test database), real concurrent sessions from threads: the race is between transactions,
-which is where it would be lost (each finishing transaction counting the others' shards as still running).
+Real Postgres (the test database) with concurrent sessions from threads, where the race is between
+transactions (each finishing transaction counting the others' shards as still running); the sequential
+cases also on SQLite, the embedded runner's database.
 """
 
 from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -30,11 +33,24 @@ CONFIG = EvalConfig(metrics=("is",), splits=2, shard_size=1, batch_size=1, cache
 WEIGHTS = "ab" * 32  #: the weights' digest as the workers report it (nothing is featurized here)
 
 
+def make_context(root: Path, database: str) -> Context:
+    url = DATABASE_URL if database == "postgres" else f"sqlite:///{root}/jobs.sqlite"
+    return Context(session_factory(url), FeatureStore(str(root / "store")), LocalPartials())
+
+
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory: pytest.TempPathFactory) -> Context:
+    """Postgres: the farm's database, where finishes race."""
     require_services()
-    root = tmp_path_factory.mktemp("finish")
-    return Context(session_factory(DATABASE_URL), FeatureStore(str(root / "store")), LocalPartials())
+    return make_context(tmp_path_factory.mktemp("finish"), "postgres")
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_ctx(request: pytest.FixtureRequest, tmp_path: Path) -> Context:
+    """The farm's database, and the embedded runner's."""
+    if request.param == "postgres":
+        require_services()
+    return make_context(tmp_path, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +67,13 @@ def claimed_job(ctx: Context, samples: str) -> list[records.ShardClaim]:
                                 lease_s=None, max_attempts=MAX_ATTEMPTS) for i in range(SHARDS)]
 
 
-def test_only_the_last_shard_moves_the_job_to_reducing(ctx: Context, samples: str) -> None:
-    claims = claimed_job(ctx, samples)
+def test_only_the_last_shard_moves_the_job_to_reducing(any_ctx: Context, samples: str) -> None:
+    claims = claimed_job(any_ctx, samples)
 
-    outcomes = [records.finish_shard(ctx.sessions, c, seconds=0.1) for c in claims]
+    outcomes = [records.finish_shard(any_ctx.sessions, c, seconds=0.1) for c in claims]
 
     assert outcomes == [records.Finish.DONE] * (SHARDS - 1) + [records.Finish.LAST]
-    assert records.job_state(ctx.sessions, claims[0].job.id) == JobState.REDUCING
+    assert records.job_state(any_ctx.sessions, claims[0].job.id) == JobState.REDUCING
 
 
 def test_shards_finishing_at_once_move_the_job_to_reducing_exactly_once(ctx: Context, samples: str) -> None:
@@ -74,13 +90,24 @@ def test_shards_finishing_at_once_move_the_job_to_reducing_exactly_once(ctx: Con
 
         job_id = claims[0].job.id
         assert outcomes.count(records.Finish.LAST) == 1, outcomes
+        assert outcomes.count(records.Finish.DONE) == SHARDS - 1, outcomes
         assert records.job_state(ctx.sessions, job_id) == JobState.REDUCING
         assert {sh.state for sh in records.shards_of(ctx.sessions, job_id)} == {ShardState.DONE}
 
 
-def test_a_shard_of_a_cancelled_job_does_not_finish(ctx: Context, samples: str) -> None:
-    claims = claimed_job(ctx, samples)
-    records.cancel_job(ctx.sessions, claims[0].job.id)
+def test_a_shard_of_a_cancelled_job_does_not_finish(any_ctx: Context, samples: str) -> None:
+    claims = claimed_job(any_ctx, samples)
+    records.cancel_job(any_ctx.sessions, claims[0].job.id)
 
-    assert records.finish_shard(ctx.sessions, claims[0], seconds=0.1) is records.Finish.LOST
-    assert records.job_state(ctx.sessions, claims[0].job.id) == JobState.CANCELLED
+    assert records.finish_shard(any_ctx.sessions, claims[0], seconds=0.1) is records.Finish.LOST
+    assert records.job_state(any_ctx.sessions, claims[0].job.id) == JobState.CANCELLED
+
+
+def test_a_shard_of_a_failed_job_stays_running_and_does_not_finish(any_ctx: Context, samples: str) -> None:
+    claims = claimed_job(any_ctx, samples)
+    job_id = claims[0].job.id
+    records.fail_job(any_ctx.sessions, job_id, "another shard failed for good")  # leaves this shard running
+
+    assert records.finish_shard(any_ctx.sessions, claims[0], seconds=0.1) is records.Finish.LOST
+    assert {sh.state for sh in records.shards_of(any_ctx.sessions, job_id)} == {ShardState.RUNNING}
+    assert records.job_state(any_ctx.sessions, job_id) == JobState.FAILED

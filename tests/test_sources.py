@@ -167,7 +167,7 @@ def test_open_source_picks_the_class_by_kind(sample_sets: dict[str, Path]) -> No
 @pytest.mark.parametrize("kind", ["npz", "npy"])
 def test_a_local_array_is_read_by_range_from_its_file_not_loaded(sample_sets: dict[str, Path], kind: str) -> None:
     source = open_source(str(sample_sets[kind]))
-    assert isinstance(source._backing(), _RangeReader) and source._backing()._fd is not None  # pread
+    assert isinstance(source._backing(), _RangeReader) and source._backing()._pread
     assert source.copies_ranges  # read by a thread in the featurizing process, not by loader processes
 
 

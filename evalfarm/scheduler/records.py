@@ -353,19 +353,23 @@ def finish_shard(sessions: Sessions, claim: ShardClaim, seconds: float) -> Finis
     The job's row is locked first, so the finishes of one job's shards take turns: the last one's count sees
     every other as done, and exactly one finish makes the move (a count in the finishing transaction without
     the lock would let two concurrent last shards each see the other as running, and neither move the job)."""
+    running = select(Job.id).where(Job.id == claim.job.id, Job.state == JobState.RUNNING)
     with sessions.begin() as s:
-        state = s.scalar(select(Job.state).where(Job.id == claim.job.id).with_for_update())
-        if state != JobState.RUNNING:
+        if s.scalar(select(Job.state).where(Job.id == claim.job.id).with_for_update()) != JobState.RUNNING:
             return Finish.LOST
+        # The state again in the UPDATE itself: SQLite has no row lock, and its SELECT above runs outside the
+        # write transaction, so a job failed meanwhile would otherwise get a shard done.
         done = s.execute(
             update(Shard)
-            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt)
+            .where(Shard.id == claim.shard_id, Shard.state == ShardState.RUNNING, Shard.attempts == claim.attempt,
+                   Shard.job_id.in_(running))
             .values(state=ShardState.DONE, finished_at=utcnow(), seconds=seconds, error=None)
         ).rowcount == 1
         if not done:
             return Finish.LOST
-        _count(s, {SHARDS_DONE: 1, IMAGES_FEATURIZED: claim.stop - claim.start})
-        return Finish.LAST if _start_reduce(s, claim.job.id) else Finish.DONE
+        last = _start_reduce(s, claim.job.id)
+        _count(s, {SHARDS_DONE: 1, IMAGES_FEATURIZED: claim.stop - claim.start})  # farm-wide rows: locked last
+        return Finish.LAST if last else Finish.DONE
 
 
 def _count(s: Session, increments: dict[str, int]) -> None:

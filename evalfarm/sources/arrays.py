@@ -76,7 +76,7 @@ class _RangeReader:
         self.owner = owner  # keeps the ZipFile / raw file under a member stream alive
         self.item_bytes = int(np.prod(shape[1:]))
         self.lock = threading.Lock()
-        self._fd = fp.fileno() if isinstance(fp, io.FileIO) and hasattr(os, "preadv") else None
+        self._pread = isinstance(fp, io.FileIO) and hasattr(os, "preadv")
 
     @classmethod
     def of_file(cls, path: str, offset: int, shape: tuple[int, ...]) -> _RangeReader:
@@ -86,8 +86,9 @@ class _RangeReader:
         out = np.empty((stop - start, *self.shape[1:]), np.uint8)
         view = memoryview(out).cast("B")
         at = self.offset + start * self.item_bytes
-        if self._fd is not None:
-            _fill(view, lambda part, done: os.preadv(self._fd, [part], at + done))
+        if self._pread:
+            fd = self.fp.fileno()  # asked at each read: a closed file is then an error, never another file's fd
+            _fill(view, lambda part, done: os.preadv(fd, [part], at + done))
         else:
             with self.lock:
                 self.fp.seek(at)
