@@ -5,7 +5,7 @@ of this section mean nothing), so featurizing is nearly free and what is measure
 coordination, Redis and Postgres traffic, the reducer. Real Redis (db 14) and Postgres (`test`), real worker
 processes: K featurizing workers on the gpu queue and one planner/reducer on the cpu queue, each `-c 1`.
 
-    python bench/run.py --sections scale            # 50k, 200k, 1M (about 35 minutes on 2 cores)
+    python bench/run.py --sections scale            # 50k, 200k, 1M (about 16 minutes on 2 cores)
     python bench/scale.py [--n 50000 200000 1000000] [--workers 1 2 4] [--shard-sizes 1000 5000]
 
 Per run: end-to-end time, shards/s sustained, the per-shard overhead (everything a shard costs but its
