@@ -375,7 +375,7 @@ def run(report: Report, *, root: Path, quick: bool = False, ns: list[int] | None
     best = f"{label_of(small)}.s{shard_sizes[0]}.w{kmax}"
     at_big = f"{label_of(big)}.s{smax}.w{kmax}"
     tracked.update(
-        overhead_ms_per_shard_median=report.get(f"scale.{label_of(big)}.s{smax}.w1.overhead_ms_per_shard_median"),
+        overhead_ms_per_shard_median=report.get(f"scale.{solo}.overhead_ms_per_shard_median"),
         overhead_ms_per_shard_median_4_workers=report.get(f"scale.{at_big}.overhead_ms_per_shard_median")
         if kmax == 4 else None,
         shards_per_s_4_workers=report.get(f"scale.{best}.shards_per_s") if kmax == 4 else None,

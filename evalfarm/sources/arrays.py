@@ -39,14 +39,9 @@ def rgb_batch(raw: np.ndarray) -> np.ndarray:
 
 
 def _read_exact(fp: IO[bytes], n: int) -> bytes:
-    chunks, left = [], n
-    while left > 0:
-        chunk = fp.read(left)
-        if not chunk:
-            raise EOFError(f"file ends {left} bytes early")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    data = bytearray(n)
+    _fill(memoryview(data), lambda part, done: fp.readinto(part))
+    return bytes(data)
 
 
 def read_npy_header(fp: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -88,11 +83,11 @@ class _RangeReader:
         at = self.offset + start * self.item_bytes
         if self._pread:
             fd = self.fp.fileno()  # asked at each read: a closed file is then an error, never another file's fd
-            _fill(view, lambda part, done: os.preadv(fd, [part], at + done))
+            _fill(view, lambda part, done: os.preadv(fd, [part], at + done), _CHANGED)
         else:
             with self.lock:
                 self.fp.seek(at)
-                _fill(view, lambda part, done: self.fp.readinto(part))
+                _fill(view, lambda part, done: self.fp.readinto(part), _CHANGED)
         return out
 
     def close(self) -> None:
@@ -101,13 +96,16 @@ class _RangeReader:
                 obj.close()
 
 
-def _fill(view: memoryview, read_into: Callable[[memoryview, int], int | None]) -> None:
+_CHANGED = ": it changed since it was opened"  #: why a range the header promised can end early
+
+
+def _fill(view: memoryview, read_into: Callable[[memoryview, int], int | None], why: str = "") -> None:
     """Fill `view` by `read_into(the part left, bytes done so far)` calls; a file that ends first is an error."""
     done = 0
     while done < len(view):
         n = read_into(view[done:], done)
         if not n:
-            raise EOFError(f"file ends {len(view) - done} bytes early: it changed since it was opened")
+            raise EOFError(f"file ends {len(view) - done} bytes early{why}")
         done += n
 
 
@@ -118,7 +116,7 @@ class ArraySource(Source):
     - local `.npy` / uncompressed `.npz` member (`np.savez`): `pread` of the requested images' bytes at the
       array's data offset (for `.npz`, found through the member's zip local header), so reading image i reads
       only its bytes; such a source is read by a thread in the featurizing process (`copies_ranges`);
-    - remote (fsspec) `.npy` / uncompressed member: seek+read of the byte range of the requested images;
+    - remote (fsspec) `.npy` / uncompressed member: seek+readinto of the byte range of the requested images;
     - compressed member (`np.savez_compressed`): the member is decompressed as a stream, nothing is cached.
       Reading forward (what an evaluation does, also per DataLoader worker) costs one decompression pass per
       process; reading backwards restarts decompression from the start of the member. Re-save with
