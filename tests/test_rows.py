@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import redis
 
+from evalfarm.errors import MetricInputError
 from evalfarm.metrics import FeatureStats, kernel_inception_distance
-from evalfarm.metrics.rows import ConcatRows
+from evalfarm.metrics.kid import drawn_rows
+from evalfarm.metrics.rows import ConcatRows, RowNotKept, SparseRows
 from evalfarm.scheduler.partials import LocalPartials, PartialStore, RedisPartials
 from evalfarm.scheduler.plan import SAMPLES
 from evalfarm.scheduler.row_files import NpyFileRows
@@ -179,3 +181,93 @@ def test_a_damaged_rows_file_in_a_remote_store_makes_the_shard_lost(tmp_path: Pa
     assert store.get("rows-job", SAMPLES, 0, features=True) is None
     assert store.get("rows-job", SAMPLES, 0, features=False) is not None
     store.drop("rows-job")
+
+
+# -- a side that keeps only the rows KID draws -------------------------------------------------------------------
+
+
+class RecordingRows:
+    """Rows that remember every index read, to tell which rows KID reads."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.array, self.shape, self.read = rows, rows.shape, set()
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def rows_at(self, index: np.ndarray) -> np.ndarray:
+        self.read.update(int(i) for i in index)
+        return self.array[index]
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        raise AssertionError("KID reads rows by index")
+
+
+def sparse_stats(rows: np.ndarray, keep: np.ndarray | None, batch: int = 4) -> FeatureStats:
+    """Statistics of `rows` accumulated a batch at a time, keeping the rows at `keep` (None: every row)."""
+    stats = FeatureStats.new(DIM, row_index=keep)
+    for at in range(0, len(rows), batch):
+        stats.add(rows[at : at + batch])
+    return stats
+
+
+def test_drawn_rows_are_exactly_the_rows_kid_reads() -> None:
+    rng = np.random.default_rng(4)
+    one, two = RecordingRows(rng.standard_normal((60, DIM))), RecordingRows(rng.standard_normal((45, DIM)))
+    kernel_inception_distance(one, two, subsets=4, subset_size=5, seed=7)
+    drawn = drawn_rows(60, 45, subsets=4, subset_size=5, seed=7)
+    assert drawn[0].tolist() == sorted(one.read) and drawn[1].tolist() == sorted(two.read)
+    assert len(drawn[0]) < 60 and len(drawn[1]) < 45
+
+
+def test_kid_from_the_drawn_rows_alone_equals_kid_from_every_row_bit_for_bit() -> None:
+    rng = np.random.default_rng(5)
+    one, two = rng.standard_normal((60, DIM)).astype(np.float32), rng.standard_normal((45, DIM)).astype(np.float32)
+    keep_one, keep_two = drawn_rows(60, 45, subsets=4, subset_size=5, seed=7)
+    parts = [sparse_stats(one[a:b], keep_one[(keep_one >= a) & (keep_one < b)] - a) for a, b in ((0, 13), (13, 60))]
+    merged = parts[0] + parts[1]
+    assert merged.row_count == len(keep_one) and merged.n == 60
+    sparse = kernel_inception_distance(merged.rows, sparse_stats(two, keep_two).rows, subsets=4, subset_size=5, seed=7)
+    assert sparse == kernel_inception_distance(one, two, subsets=4, subset_size=5, seed=7)
+
+
+def test_a_row_that_was_not_kept_is_refused_not_replaced() -> None:
+    rows = SparseRows(np.ones((2, DIM), np.float32), np.array([3, 8]), 10)
+    assert len(rows) == 10 and rows.rows_at(np.array([8, 3]))[0].tolist() == [1.0] * DIM
+    for index in ([4], [9], [3, 11]):
+        with pytest.raises(RowNotKept, match="not kept"):
+            rows.rows_at(np.array(index))
+
+
+def test_statistics_keeping_some_rows_sum_every_row() -> None:
+    rows = np.random.default_rng(6).standard_normal((30, DIM)).astype(np.float32)
+    sparse, dense = sparse_stats(rows, np.array([0, 5, 6, 29])), sparse_stats(rows, None)
+    assert sparse.n == 30 and np.array_equal(sparse.gram, dense.gram) and np.array_equal(sparse.sum, dense.sum)
+    assert sparse.rows.rows_at(np.array([29, 5])).tobytes() == rows[[29, 5]].tobytes()
+    with pytest.raises(MetricInputError, match="only the rows KID draws"):
+        _ = sparse.features
+
+
+def test_statistics_keeping_some_rows_round_trip_their_positions() -> None:
+    rows = np.random.default_rng(7).standard_normal((30, DIM)).astype(np.float32)
+    stats = sparse_stats(rows, np.array([2, 17]))
+    back = FeatureStats.from_bytes(stats.to_bytes())
+    assert back.row_index.tolist() == [2, 17] and back.digest() == stats.digest() != FeatureStats.of(rows).digest()
+    assert back.rows.rows_at(np.array([17])).tobytes() == rows[[17]].tobytes()
+
+
+def test_a_part_that_kept_every_row_merges_with_one_that_kept_some() -> None:
+    rows = np.random.default_rng(8).standard_normal((20, DIM)).astype(np.float32)
+    merged = FeatureStats.of(rows[:8]) + sparse_stats(rows[8:], np.array([1, 4]))
+    assert merged.row_index.tolist() == [*range(8), 9, 12]
+    assert merged.rows.rows_at(np.array([12, 3])).tobytes() == rows[[12, 3]].tobytes()
+
+
+@pytest.mark.parametrize("index", [[3, 3], [5, 2], [-1], [30]])
+def test_stored_row_positions_that_are_not_sorted_positions_are_refused(index: list[int]) -> None:
+    rows = np.random.default_rng(9).standard_normal((30, DIM)).astype(np.float32)
+    stats = sparse_stats(rows, np.array([2, 17]))
+    stats.row_index = np.array(index)  # as a damaged or altered file would hold them
+    stats._chunks = [rows[: len(index)]]
+    with pytest.raises(MetricInputError, match="not sorted positions"):
+        FeatureStats.from_bytes(stats.to_bytes())

@@ -7,6 +7,8 @@ torch-fidelity's; the kernel's cube and the MMD sums are float64, which only rem
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
 from evalfarm.errors import MetricInputError
@@ -50,17 +52,31 @@ def check_kid_inputs(n1: int, n2: int, subset_size: int) -> None:
         )
 
 
+def kid_draws(n1: int, n2: int, *, subsets: int, subset_size: int,
+              seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each subset's rows of both sides, as torch-fidelity draws them. A draw of n rows permutes all n (legacy
+    `choice` without replacement): 34 ms at a million rows, 7 s for 100 subsets of both sides."""
+    check_kid_inputs(n1, n2, subset_size)
+    rng = np.random.RandomState(seed)
+    for _ in range(subsets):
+        a = rng.choice(n1, subset_size, replace=False)
+        yield a, rng.choice(n2, subset_size, replace=False)
+
+
+def drawn_rows(n1: int, n2: int, *, subsets: int, subset_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every row KID will read of each side, sorted: about 10 % of a million samples at 100 × 1000."""
+    draws = list(kid_draws(n1, n2, subsets=subsets, subset_size=subset_size, seed=seed))
+    return tuple(np.unique(np.concatenate([d[side] for d in draws])) for side in (0, 1))  # type: ignore[return-value]
+
+
 def kernel_inception_distance(
     features1: Rows, features2: Rows, *, subsets: int, subset_size: int, seed: int
 ) -> tuple[float, float]:
     """(mean, std) of MMD² over subsets; std with ddof 0 as torch-fidelity reports it. Only the rows a subset
-    draws are read, so the features may stay in their files (`metrics.rows`)."""
-    n1, n2 = len(features1), len(features2)
-    check_kid_inputs(n1, n2, subset_size)
-    rng = np.random.RandomState(seed)
+    draws are read, so the features may stay in their files, and a side may hold only those rows
+    (`metrics.rows`)."""
     mmds = np.empty(subsets)
-    for i in range(subsets):
-        a = rows_at(features1, rng.choice(n1, subset_size, replace=False))
-        b = rows_at(features2, rng.choice(n2, subset_size, replace=False))
-        mmds[i] = polynomial_mmd2(a, b)
+    draws = kid_draws(len(features1), len(features2), subsets=subsets, subset_size=subset_size, seed=seed)
+    for i, (a, b) in enumerate(draws):
+        mmds[i] = polynomial_mmd2(rows_at(features1, a), rows_at(features2, b))
     return float(np.mean(mmds)), float(np.std(mmds))

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import numpy as np
 
+from evalfarm.errors import MetricInputError
+
 
 class RowReader(Protocol):
     """Rows kept elsewhere (a file), read by index or range."""
@@ -63,7 +65,45 @@ class ConcatRows:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-Rows = np.ndarray | RowReader | ConcatRows
+class RowNotKept(MetricInputError):
+    """A row was read that its side did not keep (`SparseRows`)."""
+
+
+class SparseRows:
+    """Some rows of an (n, d) array, addressed by their index in it: the rows at `index` (sorted, unique),
+    held in that order by `kept`. A side whose rows serve KID alone keeps only the rows KID draws; reading any
+    other is an error, never another row's values."""
+
+    def __init__(self, kept: Rows, index: np.ndarray, n: int) -> None:
+        if len(kept) != len(index):
+            raise ValueError(f"{len(kept)} rows kept for {len(index)} indices")
+        self.kept, self.index = kept, np.asarray(index, np.int64)
+        self.shape = (int(n), int(kept.shape[1]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows_at(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index, np.int64)
+        at = np.searchsorted(self.index, index)
+        found = at < len(self.index)
+        found[found] = self.index[at[found]] == index[found]
+        if not found.all():
+            raise RowNotKept(f"KID drew row {int(index[~found][0])} of {len(self)}, which was not kept: the shards "
+                             "kept the rows of another draw")
+        return rows_at(self.kept, at)
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        raise MetricInputError("only the rows KID draws were kept; a range of rows cannot be read")
+
+
+def rows_in(index: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The entries of sorted `index` in [start, stop), as offsets from `start`: which of a batch's rows to keep."""
+    lo, hi = np.searchsorted(index, (start, stop))
+    return index[lo:hi] - start
+
+
+Rows = np.ndarray | RowReader | ConcatRows | SparseRows
 
 
 def rows_at(rows: Rows, index: np.ndarray) -> np.ndarray:

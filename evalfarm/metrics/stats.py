@@ -2,7 +2,7 @@
 
 For features X (n×d) and, on the samples side, the logits of each sample's IS split, it holds n, Σx and
 XᵀX in float64 (FID), per-split n, Σp and Σ Σ_y p·log p (IS), and optionally the float32 rows of X
-(KID). Every sum merges by `+`, so merging shards in a fixed order gives the statistics of the whole set
+(KID), all of them or those at `row_index`. Every sum merges by `+`, so merging shards in a fixed order gives the statistics of the whole set
 up to float64 rounding, whatever the number of shards (stylegan3's `FeatureStats` idea). One encoding,
 `.npz` without pickles, serves partials and cached references alike. It holds the symmetric Gram as its
 packed upper triangle (`gram_upper`): half the bytes, written from `syrk`'s triangle without mirroring it,
@@ -21,10 +21,10 @@ import numpy as np
 import scipy.linalg
 
 from evalfarm.errors import MetricInputError
-from evalfarm.metrics.rows import ConcatRows, RowReader, Rows, row_slice
+from evalfarm.metrics.rows import ConcatRows, RowReader, Rows, SparseRows, row_slice, rows_in
 
 _SPLIT_FIELDS = ("split_n", "split_p", "split_plogp")
-_ARRAY_FIELDS = ("n", "sum", "gram", "gram_upper", "features", *_SPLIT_FIELDS)
+_ARRAY_FIELDS = ("n", "sum", "gram", "gram_upper", "features", "row_index", *_SPLIT_FIELDS)
 _ROW_BLOCK = 8192  #: rows written per step when they come from files
 _WRITE_BYTES = 4 << 20  #: small blocks are joined into writes of about this size
 
@@ -48,6 +48,7 @@ class FeatureStats:
         split_p: np.ndarray | None = None,
         split_plogp: np.ndarray | None = None,
         meta: Mapping[str, str] | None = None,
+        row_index: np.ndarray | None = None,
     ) -> None:
         self.n = int(n)
         self.sum = np.asarray(sum, np.float64)
@@ -56,6 +57,9 @@ class FeatureStats:
         self.keep_features = features is not None
         self._chunks: list[np.ndarray | RowReader] = [] if features is None else [np.asarray(features, np.float32)]
         self.split_n, self.split_p, self.split_plogp = split_n, split_p, split_plogp
+        self.row_index = None if row_index is None else np.asarray(row_index, np.int64)
+        """Positions (sorted) of the rows kept, in memory or stored apart, when only some are: a side whose rows
+        serve KID alone keeps the rows KID draws (`scheduler.kid_rows`). None: every row."""
         self.meta: dict[str, str] = dict(meta or {})
         """Provenance stored beside the arrays (a cached reference's content hash, weights, resize)."""
         self._moments: tuple[np.ndarray, np.ndarray] | None = None
@@ -63,9 +67,11 @@ class FeatureStats:
     # -- building ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def new(cls, dim: int, *, splits: int = 0, classes: int = 0, keep_features: bool = True) -> FeatureStats:
-        """Zero statistics to `add` batches to; with `splits`, also the IS sums over `classes` logits."""
-        stats = cls(0, np.zeros(dim), np.zeros((0, 0)))
+    def new(cls, dim: int, *, splits: int = 0, classes: int = 0, keep_features: bool = True,
+            row_index: np.ndarray | None = None) -> FeatureStats:
+        """Zero statistics to `add` batches to; with `splits`, also the IS sums over `classes` logits; with
+        `row_index`, only the rows at those positions of what is added are kept."""
+        stats = cls(0, np.zeros(dim), np.zeros((0, 0)), row_index=row_index)
         stats._gram, stats._upper = None, np.zeros((dim, dim), np.float64, order="F")
         stats.keep_features = keep_features
         if splits:
@@ -107,13 +113,14 @@ class FeatureStats:
             return
         if self._upper is None:  # a copy (the full Gram may be shared), its strict lower triangle zero
             self._upper = np.asfortranarray(np.triu(self.gram))
+        if self.keep_features:
+            kept = features if self.row_index is None else features[rows_in(self.row_index, self.n, self.n + len(x))]
+            self._chunks.append(np.array(kept, dtype=np.float32))
         self.n += len(x)
         self.sum += x.sum(axis=0)
         syrk = scipy.linalg.blas.get_blas_funcs("syrk", (self._upper,))
         self._upper = syrk(1.0, x, beta=1.0, c=self._upper, trans=1, lower=0, overwrite_c=1)
         self._gram = None
-        if self.keep_features:
-            self._chunks.append(np.array(features, dtype=np.float32))
         if logits is not None:
             self._add_logits(logits, split_ids)
 
@@ -156,10 +163,17 @@ class FeatureStats:
         return self._gram
 
     @property
+    def row_count(self) -> int:
+        """How many rows are kept (or stored apart): `n`, or fewer with a `row_index`."""
+        return self.n if self.row_index is None else len(self.row_index)
+
+    @property
     def features(self) -> np.ndarray | None:
         """The float32 rows, in order, in memory, when they were kept; None otherwise. `rows` reads fewer."""
         if not self.keep_features:
             return None
+        if self.row_index is not None:
+            raise MetricInputError("only the rows KID draws were kept; these statistics cannot give every row")
         if len(self._chunks) != 1 or not isinstance(self._chunks[0], np.ndarray):
             dim = self.sum.shape[0]
             whole = [row_slice(c, 0, len(c)) for c in self._chunks]
@@ -172,15 +186,15 @@ class FeatureStats:
         and precision/recall a block at a time, so a side's features are never assembled."""
         if not self.keep_features:
             return None
-        if len(self._chunks) == 1:
-            return self._chunks[0]
-        return ConcatRows(self._chunks, self.sum.shape[0])
+        kept = self._chunks[0] if len(self._chunks) == 1 else ConcatRows(self._chunks, self.sum.shape[0])
+        return kept if self.row_index is None else SparseRows(kept, self.row_index, self.n)
 
     def attach_features(self, rows: np.ndarray | RowReader) -> None:
         """Give statistics read without their rows the rows they were computed from (stored apart, perhaps left
         in their file: a `RowReader`)."""
-        if len(rows) != self.n:
-            raise ValueError(f"{len(rows)} feature rows for statistics of {self.n} samples")
+        if len(rows) != self.row_count:
+            raise ValueError(f"{len(rows)} feature rows for statistics of {self.n} samples that keep "
+                             f"{self.row_count}")
         chunk = rows if hasattr(rows, "rows_at") else np.asarray(rows, np.float32)
         self.keep_features, self._chunks = True, [chunk]
 
@@ -220,7 +234,12 @@ class FeatureStats:
         out.keep_features = self.keep_features
         if out.keep_features:
             out._chunks = [*self._chunks, *other._chunks]
+        if self.row_index is not None or other.row_index is not None:  # a part that kept every row: all of them
+            out.row_index = np.concatenate([self._kept_positions(), other._kept_positions() + self.n])
         return out
+
+    def _kept_positions(self) -> np.ndarray:
+        return np.arange(self.n, dtype=np.int64) if self.row_index is None else self.row_index
 
     def _check_mergeable(self) -> None:
         if self._moments is not None:
@@ -229,11 +248,11 @@ class FeatureStats:
     def digest(self) -> str:
         """SHA-256 of every array (not of their encoding): what a cached copy is checked against on read."""
         h = hashlib.sha256()
-        arrays = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram, "features": None,
-                  "split_n": self.split_n, "split_p": self.split_p, "split_plogp": self.split_plogp}
+        arrays = {"n": np.int64(self.n), "sum": self.sum, "gram": self.gram, "row_index": self.row_index,
+                  "features": None, "split_n": self.split_n, "split_p": self.split_p, "split_plogp": self.split_plogp}
         for name, array in arrays.items():
             if name == "features" and self.keep_features:  # a block at a time: the rows may be files
-                h.update(f"features:<f4:{(self.n, self.sum.shape[0])};".encode())
+                h.update(f"features:<f4:{(self.row_count, self.sum.shape[0])};".encode())
                 for block in self.row_blocks():
                     h.update(block)
             elif array is not None:
@@ -263,6 +282,8 @@ class FeatureStats:
         small: dict[str, np.ndarray] = {"n": np.int64(self.n), "sum": self.sum}
         if self.has_splits:
             small.update(split_n=self.split_n, split_p=self.split_p, split_plogp=self.split_plogp)
+        if self.row_index is not None:
+            small["row_index"] = self.row_index
         small.update({k: np.str_(v) for k, v in self.meta.items()})
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
             for name, array in small.items():
@@ -270,13 +291,13 @@ class FeatureStats:
                 _write_member(z, name, a.dtype, a.shape, [a])
             _write_member(z, "gram_upper", np.dtype("<f8"), (dim * (dim + 1) // 2,), self.upper_columns())
             if features and self.keep_features:
-                _write_member(z, "features", np.dtype("<f4"), (self.n, dim), self.row_blocks())
+                _write_member(z, "features", np.dtype("<f4"), (self.row_count, dim), self.row_blocks())
 
     def write_rows(self, out: IO[bytes]) -> None:
         """Stream the kept float32 rows into `out` as one `.npy` (a shard's rows file, mapped by the reducer)."""
         if not self.keep_features:
             raise ValueError("these statistics kept no feature rows")
-        _write_npy(out, np.dtype("<f4"), (self.n, self.sum.shape[0]), self.row_blocks())
+        _write_npy(out, np.dtype("<f4"), (self.row_count, self.sum.shape[0]), self.row_blocks())
 
     def row_blocks(self) -> Iterator[np.ndarray]:
         """The float32 rows in order, a block at a time, as they are held (read from their files in steps)."""
@@ -315,10 +336,20 @@ class FeatureStats:
                 features=z["features"] if features and "features" in names else None,
                 **splits,
                 meta={k: str(z[k]) for k in names - set(_ARRAY_FIELDS)},
+                row_index=_checked_row_index(z["row_index"], int(z["n"])) if "row_index" in names else None,
             )
         if packed is not None:
             stats._gram, stats._upper = None, unpack_upper(packed, dim)
+        if stats.keep_features and len(stats._chunks[0]) != stats.row_count:
+            raise MetricInputError(f"{len(stats._chunks[0])} feature rows stored for {stats.row_count}")
         return stats
+
+
+def _checked_row_index(index: np.ndarray, n: int) -> np.ndarray:
+    if index.ndim != 1 or index.dtype.kind not in "iu" or (
+            len(index) and (index[0] < 0 or index[-1] >= n or np.any(np.diff(index) <= 0))):
+        raise MetricInputError(f"the kept row positions are not sorted positions of {n} rows")
+    return index
 
 
 def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:

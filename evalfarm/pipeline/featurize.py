@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from evalfarm.errors import JobCancelled, MetricInputError, SourceError
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
+from evalfarm.metrics.rows import rows_in
 from evalfarm.models import NUM_LOGITS, FeatureExtractor
 from evalfarm.models.featurizers import Featurizer
 from evalfarm.models.resize import resize_clean_bicubic, resize_tf_bilinear
@@ -122,11 +123,13 @@ def featurize_extractors(
     should_stop: Callable[[], bool] | None = None,
     keep_features: bool | Collection[str] = True,
     row_sinks: Mapping[str, RowSink] | None = None,
+    row_subsets: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, FeatureStats]:
     """Statistics of samples [start, stop) per extractor, each image decoded once: FID sums, feature rows, and
     (given split ids) Inception's IS split sums. `keep_features` may name the extractors whose rows are kept;
-    an extractor in `row_sinks` sends its rows there, batch by batch, and its statistics keep none."""
-    sinks = dict(row_sinks or {})
+    an extractor in `row_sinks` sends its rows there, batch by batch, and its statistics keep none. An
+    extractor in `row_subsets` keeps (or sends) only the rows at those sorted offsets from `start`."""
+    sinks, subsets = dict(row_sinks or {}), dict(row_subsets or {})
     if not featurizers:
         raise ValueError("featurize_extractors needs at least one extractor")
     workers = default_num_workers() if num_workers is None else num_workers
@@ -137,7 +140,8 @@ def featurize_extractors(
         f.name: FeatureStats.new(f.dim, splits=splits if split_ids is not None and f.name == INCEPTION else 0,
                                  classes=NUM_LOGITS,
                                  keep_features=f.name not in sinks and (
-                                     keep_features if isinstance(keep_features, bool) else f.name in keep_features))
+                                     keep_features if isinstance(keep_features, bool) else f.name in keep_features),
+                                 row_index=subsets.get(f.name))
         for f in featurizers
     }
     done = 0
@@ -155,7 +159,8 @@ def featurize_extractors(
                     bad = start + done + int(np.argwhere(~np.isfinite(features).all(axis=1))[0, 0])
                     raise MetricInputError(f"non-finite {f.name} features for {source.name_of(bad)}")
                 if f.name in sinks:  # first: the sink's thread writes them while the statistics are summed
-                    sinks[f.name].write(features)
+                    kept = subsets.get(f.name)
+                    sinks[f.name].write(features if kept is None else features[rows_in(kept, done, done + n)])
                 if split_ids is not None and f.name == INCEPTION:
                     stats[f.name].add(features, f.logits(features), split_ids[done : done + n])
                 else:

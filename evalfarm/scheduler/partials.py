@@ -233,7 +233,7 @@ def write_shard_files(store: FeatureStore, job_id: str, side: str, shard: int, p
     record: dict[str, str | int] = {}
     for extractor, spool in rows.items():
         stats = parts.get(extractor)
-        if stats is None or stats.keep_features or spool.n != stats.n:
+        if stats is None or stats.keep_features or spool.n != stats.row_count:
             raise ValueError(f"rows spooled for {extractor} do not belong to the statistics given")
         if spool.key != _file(job_id, side, shard, _what(extractor, "features.npy")):
             raise ValueError(f"{spool.key} is not the rows file of shard {side}/{shard} of job {job_id}")

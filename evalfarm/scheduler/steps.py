@@ -22,9 +22,10 @@ from evalfarm.config import EvalConfig
 from evalfarm.db import FINAL_STATES, JobState, Shard
 from evalfarm.errors import JobCancelled, JobError, MetricInputError, SourceError, WeightsError
 from evalfarm.metrics import FeatureStats, split_assignment
+from evalfarm.metrics.rows import RowNotKept
 from evalfarm.models.featurizers import Featurizer, canonical_weights
 from evalfarm.pipeline import compute_metrics, featurize_extractors, kid_subset_size, merge_in_order
-from evalfarm.scheduler import prc_tiles, records
+from evalfarm.scheduler import kid_rows, prc_tiles, records
 from evalfarm.scheduler.context import Context
 from evalfarm.scheduler.job import FARM, JobSnapshot
 from evalfarm.scheduler.lease import Lease
@@ -193,19 +194,24 @@ def run_shard(
     beat = functools.partial(records.beat, ctx.sessions, claim)
     kept = {e for e in config.featurizers if job.keeps_features(side, e)}
     with contextlib.ExitStack() as spooled:
-        rows = {}  # the kept rows stream to their files while the shard runs; a shard that fails leaves none
-        for e in sorted(kept):
-            spool = ctx.partials.spool_rows(job_id, side, index, e, claim.stop - claim.start, held[e].dim)
-            if spool is not None:
-                rows[e] = spool
-                spooled.callback(spool.abort)
         with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
+            # Rows that serve KID alone: only those it draws are kept (the first shard of a new draw computes it,
+            # 7 s at a million samples: under the lease).
+            drawn = {e: kid_rows.shard_rows(ctx.store, job, side, claim.start, claim.stop) for e in kept
+                     if kid_rows.kid_only(job, side, e)}
+            rows = {}  # the kept rows stream to their files while the shard runs; a shard that fails leaves none
+            for e in sorted(kept):
+                n_rows = len(drawn[e]) if e in drawn else claim.stop - claim.start
+                spool = ctx.partials.spool_rows(job_id, side, index, e, n_rows, held[e].dim)
+                if spool is not None:
+                    rows[e] = spool
+                    spooled.callback(spool.abort)
             t0 = time.perf_counter()
             stats = featurize_extractors(
                 source, claim.start, claim.stop, [held[e] for e in config.featurizers],
                 resize=config.resize, batch_size=batch_size or config.batch_size, num_workers=num_workers,
                 split_ids=split_ids, splits=config.splits, on_batch=on_batch, should_stop=lease.stopped,
-                keep_features=kept, row_sinks=rows,
+                keep_features=kept, row_sinks=rows, row_subsets=drawn,
             )
             seconds = time.perf_counter() - t0  # featurizing alone: status and benchmarks split the rest off
         if lease.stopped():  # a beat saw the job end, or the claim lost, after the loop's last check
@@ -382,7 +388,13 @@ def _reduce(ctx: Context, job: JobSnapshot, pending_s: float) -> ReduceOutcome:
             if ref_plan is not None and ref_plan.how is SideSource.SHARDS and config.cache:
                 _cache_reference(ctx, job, ref_plan, sides[REFERENCE], extractor)
             done = prc[extractor].values if extractor in prc else None
-            computed[extractor] = compute_metrics(config, sides[SAMPLES], sides.get(REFERENCE), extractor, prc=done)
+            try:
+                computed[extractor] = compute_metrics(config, sides[SAMPLES], sides.get(REFERENCE), extractor,
+                                                      prc=done)
+            except RowNotKept as exc:  # only a stored draw that was altered gets here: drop it for the next run
+                key = kid_rows.forget(ctx.store, kid_rows.draw_of(job))
+                raise JobError(f"{exc}. The KID draw stored in the feature store ({key}) was not this job's; "
+                               "it is removed: submit the job again") from exc
         del sides
     if lost:
         return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, sorted(lost), MAX_RECOMPUTES)))

@@ -1,0 +1,183 @@
+"""A side whose rows serve KID alone keeps only the rows KID draws, and KID is the same number.
+
+Real steps (`plan_job`, `run_shard`, `reduce_job`) on SQLite, with the shards' files in a real feature store
+and a seeded Inception. 20 samples and 10 reference images in shards of 5, KID drawing 2 subsets of 3: most
+rows are not drawn, so a shard that kept them would be seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from evalfarm.config import EvalConfig
+from evalfarm.db import session_factory
+from evalfarm.errors import JobError
+from evalfarm.keys import INCEPTION, JOB_EVAL, JOB_REFERENCE, KEY_KID_MEAN, KEY_KID_STD
+from evalfarm.metrics import kernel_inception_distance
+from evalfarm.metrics.kid import drawn_rows
+from evalfarm.models import FeatureExtractor, Weights
+from evalfarm.models.weights import file_sha256
+from evalfarm.pipeline import featurize_range
+from evalfarm.scheduler import kid_rows, records
+from evalfarm.scheduler.context import Context
+from evalfarm.scheduler.job import EMBEDDED, JobSnapshot
+from evalfarm.scheduler.partials import LocalPartials
+from evalfarm.scheduler.plan import REFERENCE, SAMPLES
+from evalfarm.scheduler.steps import plan_job, reduce_job, run_shard
+from evalfarm.scheduler.store import FeatureStore
+from evalfarm.sources import open_source
+
+from .helpers import write_images
+
+N_SAMPLES, N_REFERENCE, SHARD = 20, 10, 5
+CONFIG = EvalConfig(metrics=("kid",), kid_subsets=2, kid_subset_size=3, shard_size=SHARD, batch_size=SHARD, cache=False)
+
+
+@pytest.fixture(scope="module")
+def image_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("kid-rows-images")
+    return (str(write_images(root / "samples", N_SAMPLES, 32, seed=21, brightness=1.0)),
+            str(write_images(root / "reference", N_REFERENCE, 32, seed=22, brightness=0.6)))
+
+
+@pytest.fixture(scope="module")
+def extractor(weights_path: Path) -> FeatureExtractor:
+    return FeatureExtractor(Weights(weights_path, file_sha256(weights_path)), "cpu")
+
+
+def make_context(root: Path) -> Context:
+    """SQLite, and a feature store under `root` that holds the shards' files (as the embedded runner's do)."""
+    return Context(session_factory(f"sqlite:///{root}/jobs.sqlite"), FeatureStore(str(root / "store")),
+                   LocalPartials(FeatureStore(str(root / "partials"))))
+
+
+def planned(ctx: Context, image_sets: tuple[str, str], extractor: FeatureExtractor, config: EvalConfig = CONFIG,
+            kind: str = JOB_EVAL) -> JobSnapshot:
+    samples, reference = image_sets
+    request = records.Submission(samples, reference if kind == JOB_EVAL else None, config, kind=kind,
+                                 weights_sha256=extractor.weights.sha256)
+    job_id = records.create_job(ctx.sessions, request, mode=EMBEDDED).job_id
+    plan_job(ctx, job_id, {INCEPTION: extractor.weights.sha256})
+    return records.get_job(ctx.sessions, job_id)
+
+
+def run_shards(ctx: Context, job: JobSnapshot, extractor: FeatureExtractor) -> None:
+    for side, n in ((SAMPLES, N_SAMPLES), (REFERENCE, N_REFERENCE)):
+        for index in range(n // SHARD):
+            run_shard(ctx, job.id, side, index, extractor, num_workers=0)
+
+
+def rows_file(ctx: Context, job: JobSnapshot, side: str, index: int) -> np.ndarray:
+    return np.load(ctx.partials.store.local_path(f"jobs/{job.id}/{side}/{index:06d}.features.npy"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, image_sets: tuple[str, str],
+             extractor: FeatureExtractor) -> tuple[Context, JobSnapshot, dict[str, list[np.ndarray]]]:
+    """A KID job run and reduced: the context, the job, and each side's shards' rows files as they were left for
+    the reducer (a succeeded job's files are removed)."""
+    ctx = make_context(tmp_path_factory.mktemp("kid-rows-job"))
+    job = planned(ctx, image_sets, extractor)
+    run_shards(ctx, job, extractor)
+    files = {side: [rows_file(ctx, job, side, i) for i in range(n // SHARD)]
+             for side, n in ((SAMPLES, N_SAMPLES), (REFERENCE, N_REFERENCE))}
+    reduce_job(ctx, job.id)
+    return ctx, records.get_job(ctx.sessions, job.id), files
+
+
+def every_row(uri: str, extractor: FeatureExtractor, n: int) -> np.ndarray:
+    """A side's rows featurized shard by shard as the job's shards did, all of them kept."""
+    source = open_source(uri)
+    return np.concatenate([featurize_range(source, a, a + SHARD, extractor, batch_size=SHARD, num_workers=0).features
+                           for a in range(0, n, SHARD)])
+
+
+def test_each_shard_of_a_kid_only_side_stores_only_the_rows_kid_draws(finished) -> None:
+    _, _, files = finished
+    drawn = drawn_rows(N_SAMPLES, N_REFERENCE, subsets=2, subset_size=3, seed=CONFIG.seed)
+    for side, rows in zip((SAMPLES, REFERENCE), drawn, strict=True):
+        assert [len(f) for f in files[side]] == [np.sum((rows >= a) & (rows < a + SHARD)) for a in
+                                                 range(0, SHARD * len(files[side]), SHARD)]
+    assert len(drawn[0]) < N_SAMPLES and len(drawn[1]) < N_REFERENCE  # so that a shard keeping more is seen
+
+
+def test_kid_from_the_kept_rows_equals_kid_from_every_row(finished, image_sets, extractor) -> None:
+    _, job, files = finished
+    assert job.state.value == "succeeded", job.error
+    samples, reference = (every_row(u, extractor, n) for u, n in zip(image_sets, (N_SAMPLES, N_REFERENCE), strict=True))
+    drawn = drawn_rows(N_SAMPLES, N_REFERENCE, subsets=2, subset_size=3, seed=CONFIG.seed)
+    for side, every, rows in ((SAMPLES, samples, drawn[0]), (REFERENCE, reference, drawn[1])):
+        assert np.concatenate(files[side]).tobytes() == every[rows].tobytes()
+    mean, std = kernel_inception_distance(samples, reference, subsets=2, subset_size=3, seed=CONFIG.seed)
+    assert (job.result[KEY_KID_MEAN], job.result[KEY_KID_STD]) == (mean, std)
+
+
+@pytest.mark.parametrize(("side", "config", "kind", "kid_only"), [
+    (SAMPLES, CONFIG, JOB_EVAL, True),
+    (REFERENCE, CONFIG, JOB_EVAL, True),
+    (REFERENCE, dataclasses.replace(CONFIG, cache=True), JOB_EVAL, False),  # the cached reference keeps them all
+    (SAMPLES, dataclasses.replace(CONFIG, cache=True), JOB_EVAL, True),
+    (SAMPLES, dataclasses.replace(CONFIG, metrics=("kid", "prc"), extractors=(INCEPTION,)), JOB_EVAL, False),
+    (SAMPLES, dataclasses.replace(CONFIG, metrics=("fid",)), JOB_EVAL, False),  # no rows at all
+    (SAMPLES, dataclasses.replace(CONFIG, metrics=()), JOB_REFERENCE, False),  # a reference job keeps them all
+])
+def test_only_rows_that_serve_kid_alone_are_thinned(finished, side, config, kind, kid_only) -> None:
+    _, job, _ = finished
+    job = dataclasses.replace(job, config=config, kind=kind)
+    assert kid_rows.kid_only(job, side, INCEPTION) is kid_only
+
+
+def test_the_draw_is_stored_once_and_read_by_the_next_process(finished, monkeypatch) -> None:
+    ctx, job, _ = finished
+    draw = kid_rows.draw_of(job)
+    assert ctx.store.exists(draw.key)
+    kid_rows._cached.clear()  # a new process
+
+    def draw_again(*args, **kwargs):
+        raise AssertionError("the stored draw was not used")
+
+    monkeypatch.setattr(kid_rows, "drawn_rows", draw_again)
+    got = kid_rows.side_rows(ctx.store, draw)
+    want = drawn_rows(N_SAMPLES, N_REFERENCE, subsets=2, subset_size=3, seed=CONFIG.seed)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "other draw"])
+def test_a_stored_draw_that_is_damaged_or_not_this_one_is_drawn_again(tmp_path, damage) -> None:
+    store = FeatureStore(str(tmp_path))
+    draw = kid_rows.Draw(N_SAMPLES, N_REFERENCE, 2, 3, 7)
+    other = kid_rows.Draw(N_SAMPLES, N_REFERENCE, 2, 3, 8)
+    if damage == "garbage":
+        store.put_bytes(draw.key, b"PK\x03\x04 not a zip")
+    else:
+        kid_rows.side_rows(store, other)
+        store.put_bytes(draw.key, store.get_bytes(other.key))  # a whole file, of another draw's parameters
+    kid_rows._cached.clear()
+    got = kid_rows.side_rows(store, draw)
+    want = drawn_rows(N_SAMPLES, N_REFERENCE, subsets=2, subset_size=3, seed=7)
+    assert [g.tolist() for g in got] == [w.tolist() for w in want]
+    kid_rows._cached.clear()
+    assert [g.tolist() for g in kid_rows.side_rows(store, draw)] == [w.tolist() for w in want]  # and replaced
+
+
+def test_shards_that_kept_another_draws_rows_fail_the_job_clearly_and_the_draw_is_removed(
+        tmp_path, image_sets, extractor) -> None:
+    ctx = make_context(tmp_path)
+    config = dataclasses.replace(CONFIG, seed=99)
+    job = planned(ctx, image_sets, extractor, config)
+    draw = kid_rows.draw_of(job)
+    kid_rows._cached.clear()
+    forged = [np.arange(len(rows), dtype=np.int64) for rows in
+              drawn_rows(N_SAMPLES, N_REFERENCE, subsets=2, subset_size=3, seed=99)]  # valid-looking, other rows
+    buf = io.BytesIO()
+    np.savez(buf, samples=forged[0], reference=forged[1], draw=np.array(dataclasses.astuple(draw), np.int64))
+    ctx.store.put_bytes(draw.key, buf.getvalue())
+    run_shards(ctx, job, extractor)
+    with pytest.raises(JobError, match="was not kept.*not this job's; it is removed"):
+        reduce_job(ctx, job.id)
+    assert not ctx.store.exists(draw.key)
