@@ -283,6 +283,38 @@ def embedded(report: Report, root: Path, samples: Path, ref: Path, shard: int, l
     return res
 
 
+def write_floor(report: Report, root: Path, dim: int = 2048, repeat: int = 7) -> None:
+    """What writing a shard's Gram triangle (dim = 2048: 16 MiB) costs this machine's page cache alone, as a new
+    file (as a partial is written) and over a file's cached pages: the floor under `partial_write`."""
+    data = os.urandom(dim * (dim + 1) // 2 * 8)
+    folder = root / "write-floor"
+    folder.mkdir(parents=True, exist_ok=True)
+    new, over = [], []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        with open(folder / f"{i}.bin", "wb") as f:
+            f.write(data)
+        new.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with open(folder / f"{i}.bin", "r+b") as f:
+            f.write(data)
+        over.append(time.perf_counter() - t0)
+    for i in range(repeat):
+        (folder / f"{i}.bin").unlink()
+    report.figure("scale.machine.write_gram_new_file_ms", statistics.median(new) * 1000, "ms")
+    report.figure("scale.machine.write_gram_over_cached_pages_ms", statistics.median(over) * 1000, "ms")
+
+
+def kid_draw_time(report: Report, n: int, ref_n: int) -> None:
+    """KID's draw at these sizes: what the first shard of a new draw pays once (`scheduler.kid_rows`)."""
+    from evalfarm.metrics.kid import drawn_rows
+
+    t0 = time.perf_counter()
+    ones, twos = drawn_rows(n, ref_n, **{k.removeprefix("kid_"): v for k, v in KID.items()}, seed=2020)
+    report.figure(f"scale.kid_draw_s_{label_of(n)}", time.perf_counter() - t0, "s")
+    report.figure(f"scale.kid_drawn_fraction_{label_of(n)}", len(ones) / n, "")
+
+
 def plan_time(report: Report, samples: Path, label: str) -> float:
     """`plan_samples` as the planner calls it (open, count from the header, content hash, shard ranges)."""
     out = subprocess.run([sys.executable, __file__, "plan", str(samples)], capture_output=True, text=True, check=True)
@@ -334,6 +366,8 @@ def run(report: Report, *, root: Path, quick: bool = False, ns: list[int] | None
     tracked: dict[str, Any] = {}
     for n in ns:
         tracked[f"plan_s_{label_of(n)}"] = plan_time(report, sets[n], label_of(n))
+    write_floor(report, root)
+    kid_draw_time(report, ns[-1], ref_n)
     small, big = ns[0], ns[-1]
     report.note(f"reference: {ref_n} images; samples {', '.join(map(label_of, ns))}; 16x16 npz; batch {BATCH}; "
                 f"IS+FID+KID ({KID['kid_subsets']} x {KID['kid_subset_size']}), cache off")

@@ -116,3 +116,24 @@ def test_a_cache_file_whose_rows_member_is_short_is_refused(store: FeatureStore)
     store.put_bytes(KEY, buf.getvalue())
     with pytest.raises(CorruptCache, match="unreadable"):
         load_reference(store, KEY, WEIGHTS, RESIZE, "example")
+
+
+def thinned() -> FeatureStats:
+    """Statistics of 6 rows that keep only two of them (as a side whose rows serve KID alone)."""
+    stats = FeatureStats.new(4, row_index=np.array([1, 4]))
+    stats.add(np.abs(np.random.RandomState(0).normal(size=(6, 4))).astype(np.float32))
+    return stats
+
+
+def test_statistics_that_keep_only_some_rows_are_never_cached(store: FeatureStore) -> None:
+    with pytest.raises(ValueError, match="every feature row"):
+        store_reference(store, KEY, thinned(), content_hash="c" * 64, weights_sha256=WEIGHTS, resize=RESIZE)
+    assert not store.exists(KEY)
+
+
+def test_a_cache_file_that_keeps_only_some_rows_is_refused(store: FeatureStore) -> None:
+    stats = thinned()
+    stats.meta = {"content_hash": "c" * 64, "weights_sha256": WEIGHTS, "resize": RESIZE, "sha256": stats.digest()}
+    store.put_bytes(KEY, stats.to_bytes())
+    with pytest.raises(CorruptCache, match="not a whole reference"):
+        load_reference(store, KEY, WEIGHTS, RESIZE, "example")

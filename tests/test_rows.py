@@ -15,7 +15,7 @@ import redis
 from evalfarm.errors import MetricInputError
 from evalfarm.metrics import FeatureStats, kernel_inception_distance
 from evalfarm.metrics.kid import drawn_rows
-from evalfarm.metrics.rows import ConcatRows, RowNotKept, SparseRows
+from evalfarm.metrics.rows import ConcatRows, RowNotKept, SparseRows, rows_in
 from evalfarm.scheduler.partials import LocalPartials, PartialStore, RedisPartials
 from evalfarm.scheduler.plan import SAMPLES
 from evalfarm.scheduler.row_files import NpyFileRows
@@ -271,3 +271,9 @@ def test_stored_row_positions_that_are_not_sorted_positions_are_refused(index: l
     stats._chunks = [rows[: len(index)]]
     with pytest.raises(MetricInputError, match="not sorted positions"):
         FeatureStats.from_bytes(stats.to_bytes())
+
+
+def test_rows_in_takes_the_positions_from_start_up_to_stop_as_offsets() -> None:
+    index = np.array([0, 4, 5, 9, 10])
+    assert rows_in(index, 5, 10).tolist() == [0, 4] and rows_in(index, 0, 5).tolist() == [0, 4]
+    assert rows_in(index, 10, 11).tolist() == [0] and rows_in(index, 6, 9).tolist() == []

@@ -97,6 +97,14 @@ class SparseRows:
         raise MetricInputError("only the rows KID draws were kept; a range of rows cannot be read")
 
 
+def check_positions(index: np.ndarray, n: int) -> np.ndarray:
+    """`index` when it is sorted, unique integer positions of `n` rows (as a file must hold them)."""
+    if index.ndim != 1 or index.dtype.kind not in "iu" or (
+            len(index) and (index[0] < 0 or index[-1] >= n or np.any(np.diff(index) <= 0))):
+        raise MetricInputError(f"the kept row positions are not sorted positions of {n} rows")
+    return index
+
+
 def rows_in(index: np.ndarray, start: int, stop: int) -> np.ndarray:
     """The entries of sorted `index` in [start, stop), as offsets from `start`: which of a batch's rows to keep."""
     lo, hi = np.searchsorted(index, (start, stop))

@@ -2,8 +2,9 @@
 
 For features X (n×d) and, on the samples side, the logits of each sample's IS split, it holds n, Σx and
 XᵀX in float64 (FID), per-split n, Σp and Σ Σ_y p·log p (IS), and optionally the float32 rows of X
-(KID), all of them or those at `row_index`. Every sum merges by `+`, so merging shards in a fixed order gives the statistics of the whole set
-up to float64 rounding, whatever the number of shards (stylegan3's `FeatureStats` idea). One encoding,
+(KID), all of them or those at `row_index`. Every sum merges by `+`, so merging shards in a fixed order
+gives the statistics of the whole set up to float64 rounding, whatever the number of shards (stylegan3's
+`FeatureStats` idea). One encoding,
 `.npz` without pickles, serves partials and cached references alike. It holds the symmetric Gram as its
 packed upper triangle (`gram_upper`): half the bytes, written from `syrk`'s triangle without mirroring it,
 since writing a shard's partial is the farm's main cost per shard.
@@ -21,7 +22,7 @@ import numpy as np
 import scipy.linalg
 
 from evalfarm.errors import MetricInputError
-from evalfarm.metrics.rows import ConcatRows, RowReader, Rows, SparseRows, row_slice, rows_in
+from evalfarm.metrics.rows import ConcatRows, RowReader, Rows, SparseRows, check_positions, row_slice, rows_in
 
 _SPLIT_FIELDS = ("split_n", "split_p", "split_plogp")
 _ARRAY_FIELDS = ("n", "sum", "gram", "gram_upper", "features", "row_index", *_SPLIT_FIELDS)
@@ -114,8 +115,7 @@ class FeatureStats:
         if self._upper is None:  # a copy (the full Gram may be shared), its strict lower triangle zero
             self._upper = np.asfortranarray(np.triu(self.gram))
         if self.keep_features:
-            kept = features if self.row_index is None else features[rows_in(self.row_index, self.n, self.n + len(x))]
-            self._chunks.append(np.array(kept, dtype=np.float32))
+            self._chunks.append(np.array(self.kept_of(features), dtype=np.float32))
         self.n += len(x)
         self.sum += x.sum(axis=0)
         syrk = scipy.linalg.blas.get_blas_funcs("syrk", (self._upper,))
@@ -123,6 +123,10 @@ class FeatureStats:
         self._gram = None
         if logits is not None:
             self._add_logits(logits, split_ids)
+
+    def kept_of(self, batch: np.ndarray) -> np.ndarray:
+        """The rows of `batch`, the next to be added, that these statistics keep (all but with a `row_index`)."""
+        return batch if self.row_index is None else batch[rows_in(self.row_index, self.n, self.n + len(batch))]
 
     def _add_logits(self, logits: np.ndarray, split_ids: np.ndarray) -> None:
         """Softmax with one exp, and the sums per split by sorting the batch's rows into runs of one split
@@ -336,20 +340,13 @@ class FeatureStats:
                 features=z["features"] if features and "features" in names else None,
                 **splits,
                 meta={k: str(z[k]) for k in names - set(_ARRAY_FIELDS)},
-                row_index=_checked_row_index(z["row_index"], int(z["n"])) if "row_index" in names else None,
+                row_index=check_positions(z["row_index"], int(z["n"])) if "row_index" in names else None,
             )
         if packed is not None:
             stats._gram, stats._upper = None, unpack_upper(packed, dim)
         if stats.keep_features and len(stats._chunks[0]) != stats.row_count:
             raise MetricInputError(f"{len(stats._chunks[0])} feature rows stored for {stats.row_count}")
         return stats
-
-
-def _checked_row_index(index: np.ndarray, n: int) -> np.ndarray:
-    if index.ndim != 1 or index.dtype.kind not in "iu" or (
-            len(index) and (index[0] < 0 or index[-1] >= n or np.any(np.diff(index) <= 0))):
-        raise MetricInputError(f"the kept row positions are not sorted positions of {n} rows")
-    return index
 
 
 def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset
 from evalfarm.errors import JobCancelled, MetricInputError, SourceError
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
-from evalfarm.metrics.rows import rows_in
 from evalfarm.models import NUM_LOGITS, FeatureExtractor
 from evalfarm.models.featurizers import Featurizer
 from evalfarm.models.resize import resize_clean_bicubic, resize_tf_bilinear
@@ -159,8 +158,7 @@ def featurize_extractors(
                     bad = start + done + int(np.argwhere(~np.isfinite(features).all(axis=1))[0, 0])
                     raise MetricInputError(f"non-finite {f.name} features for {source.name_of(bad)}")
                 if f.name in sinks:  # first: the sink's thread writes them while the statistics are summed
-                    kept = subsets.get(f.name)
-                    sinks[f.name].write(features if kept is None else features[rows_in(kept, done, done + n)])
+                    sinks[f.name].write(stats[f.name].kept_of(features))
                 if split_ids is not None and f.name == INCEPTION:
                     stats[f.name].add(features, f.logits(features), split_ids[done : done + n])
                 else:

@@ -5,24 +5,28 @@ the job is planned (`metrics.kid.kid_draws` of the two sides' sizes). So a side 
 reads (no precision/recall on that extractor, no reference to cache) keeps only those rows: about 10 % of
 a million samples, 4 MiB instead of 40 MiB per 5000-row shard of Inception features, and 0.8 GiB instead
 of 8 GiB of a million samples' rows in the store and, for a remote store, in the reducer's TMPDIR. The
-reducer reads them through `metrics.rows.SparseRows`, which refuses a row that was not kept: a draw that
-differed would fail the job, never give another row's values.
+reducer reads them through `metrics.rows.SparseRows`, which refuses a row that was not kept: rows kept for
+another draw are found there, and never stand in for the rows KID drew.
 
-The draw permutes each side's rows once per subset (7 s for a million samples), so it is computed once
-per parameter set and kept in the feature store under `kid-draws/`, where every worker (and the next
-evaluation of the same sizes, as a training run makes) reads it; each process also keeps the last few.
+The draw permutes each side's rows once per subset (7 s for a million samples: planning, which must take
+seconds, does not compute it), so the first shard that needs it computes it once per parameter set and keeps
+it in the feature store under `kid-draws/`, where every worker (and the next evaluation of the same sizes,
+as a training run makes) reads it; each process also keeps the last few. A
+stored draw that is damaged is drawn again; one that is whole but wrong (another draw's rows) is found by the
+reducer, which stores the right one and has the side's shards run again (`redraw`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import threading
 from dataclasses import astuple, dataclass
 
 import numpy as np
 
 from evalfarm.metrics.kid import drawn_rows
-from evalfarm.metrics.rows import rows_in
+from evalfarm.metrics.rows import check_positions, rows_in
 from evalfarm.pipeline.reduce import kid_subset_size
 from evalfarm.scheduler.job import JobSnapshot
 from evalfarm.scheduler.plan import REFERENCE, SAMPLES
@@ -30,7 +34,8 @@ from evalfarm.scheduler.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
-DRAWS = "kid-draws"  #: the feature store's folder of KID draws, by parameters (kept: 1 MiB or less each)
+DRAWS = "kid-draws"  #: the feature store's folder of KID draws, by parameters (under 1 MiB each, at a million a side)
+_CACHE_SIZE = 4  #: draws a process keeps
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class Draw:
     def key(self) -> str:
         return f"{DRAWS}/{'-'.join(map(str, astuple(self)))}.npz"
 
+    def rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each side's drawn rows, sorted, computed (seconds at a million samples)."""
+        return drawn_rows(self.n_samples, self.n_reference, subsets=self.subsets, subset_size=self.subset_size,
+                          seed=self.seed)
+
 
 def kid_only(job: JobSnapshot, side: str, extractor: str) -> bool:
     """Whether KID is the only reader of this side's rows of `extractor` (then only its drawn rows are kept)."""
@@ -57,6 +67,7 @@ def kid_only(job: JobSnapshot, side: str, extractor: str) -> bool:
 
 
 def draw_of(job: JobSnapshot) -> Draw:
+    """The job's draw, from its plan's sizes (the reducer's merged sides have the same: shards cover them)."""
     n1, n2 = job.plan.side(SAMPLES).n, job.plan.side(REFERENCE).n
     config = job.config
     return Draw(n1, n2, config.kid_subsets, kid_subset_size(config, n1, n2), config.seed)
@@ -67,58 +78,76 @@ def shard_rows(store: FeatureStore, job: JobSnapshot, side: str, start: int, sto
     return rows_in(side_rows(store, draw_of(job))[0 if side == SAMPLES else 1], start, stop)
 
 
-_CACHE_SIZE = 4
-_cached: dict[tuple[str, Draw], tuple[np.ndarray, np.ndarray]] = {}
+_lock = threading.Lock()
+_cached: dict[tuple[str, Draw], tuple[tuple[np.ndarray, np.ndarray], str | None]] = {}
+"""Draws this process computed (signature None: trusted) or read (kept while the stored file is unchanged)."""
 
 
 def side_rows(store: FeatureStore, draw: Draw) -> tuple[np.ndarray, np.ndarray]:
-    """Both sides' drawn rows, sorted: from this process' last few, the store, or drawn and stored for the
-    next process. A draw kept here is used only while the store still has it (`forget` removes it there)."""
+    """Both sides' drawn rows, sorted: kept by this process, read from the store, or drawn and stored."""
     key = (store.root, draw)
-    kept = _cached.get(key)
-    if kept is not None and store.exists(draw.key):
-        return kept
-    kept = _load(store, draw)
-    if kept is None:
-        kept = drawn_rows(draw.n_samples, draw.n_reference, subsets=draw.subsets, subset_size=draw.subset_size,
-                          seed=draw.seed)
-        buf = io.BytesIO()
-        np.savez(buf, samples=kept[0], reference=kept[1], draw=np.array(astuple(draw), np.int64))
-        try:
-            store.put_bytes(draw.key, buf.getvalue())
-        except OSError as exc:  # the next process draws again: slower, never wrong
-            log.warning("cannot keep the KID draw %s in the feature store (%s)", draw.key, exc)
-    for rows in kept:
-        rows.setflags(write=False)
-    while len(_cached) >= _CACHE_SIZE:
-        del _cached[next(iter(_cached))]
-    _cached[key] = kept
-    return kept
+    with _lock:
+        hit = _cached.get(key)
+    if hit is not None and (hit[1] is None or hit[1] == store.signature(draw.key)):
+        return hit[0]
+    signature = store.signature(draw.key)
+    rows = _load(store, draw) if signature is not None else None
+    if rows is None:
+        rows, signature = draw.rows(), None
+        _store(store, draw, rows)
+    _keep(key, rows, signature)
+    return rows
 
 
-def forget(store: FeatureStore, draw: Draw) -> str:
-    """Remove a stored draw (it was found wrong), here and in the store; returns where it was."""
-    _cached.pop((store.root, draw), None)
-    store.delete(draw.key)
-    return store.describe(draw.key)
+def redraw(store: FeatureStore, draw: Draw) -> bool:
+    """The reducer found a row KID draws missing: True when the stored draw was wrong (it is replaced with the
+    right one, which every process then reads), False when it was right (the fault is elsewhere)."""
+    stored = _load(store, draw)
+    if stored is None:  # every process drew its own (none was stored, or it was unusable and drawn again)
+        return False
+    right = draw.rows()
+    if all(np.array_equal(a, b) for a, b in zip(stored, right, strict=True)):
+        return False
+    _store(store, draw, right)
+    _keep((store.root, draw), right, None)
+    return True
+
+
+def _keep(key: tuple[str, Draw], rows: tuple[np.ndarray, np.ndarray], signature: str | None) -> None:
+    for side in rows:
+        side.setflags(write=False)
+    with _lock:
+        _cached.pop(key, None)
+        while len(_cached) >= _CACHE_SIZE:
+            del _cached[next(iter(_cached))]  # the oldest kept
+        _cached[key] = (rows, signature)
+
+
+def _store(store: FeatureStore, draw: Draw, rows: tuple[np.ndarray, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, samples=rows[0].astype(np.int32), reference=rows[1].astype(np.int32),
+             draw=np.array(astuple(draw), np.int64))
+    try:
+        store.put_bytes(draw.key, buf.getvalue())
+    except Exception as exc:  # this process keeps its own; the next draws it again: slower, never wrong
+        log.warning("cannot keep the KID draw %s in the feature store (%s)", draw.key, exc)
 
 
 def _load(store: FeatureStore, draw: Draw) -> tuple[np.ndarray, np.ndarray] | None:
     """The stored draw, when it is whole and is this draw's; anything else is drawn again (and replaced)."""
     try:
         with np.load(io.BytesIO(store.get_bytes(draw.key)), allow_pickle=False) as z:  # members' CRCs are checked
-            params, kept = z["draw"], (z["samples"], z["reference"])
+            params, rows = z["draw"], (z["samples"], z["reference"])
+        if params.tolist() != list(astuple(draw)):
+            raise ValueError("the parameters of another draw")
+        limit = draw.subsets * draw.subset_size
+        for side, n in zip(rows, (draw.n_samples, draw.n_reference), strict=True):
+            check_positions(side, n)
+            if not 0 < len(side) <= limit:
+                raise ValueError(f"{len(side)} rows for {draw.subsets} subsets of {draw.subset_size}")
     except FileNotFoundError:
         return None
     except Exception as exc:
-        log.warning("the stored KID draw %s is unreadable (%s); drawing it again", draw.key, exc)
+        log.warning("the stored KID draw %s is unusable (%s); drawing it again", draw.key, exc)
         return None
-    limit = draw.subsets * draw.subset_size
-    ok = params.tolist() == list(astuple(draw)) and all(
-        rows.ndim == 1 and rows.dtype.kind == "i" and 0 < len(rows) <= limit and rows[0] >= 0 and rows[-1] < n
-        and bool(np.all(np.diff(rows) > 0))
-        for rows, n in zip(kept, (draw.n_samples, draw.n_reference), strict=True))
-    if not ok:
-        log.warning("the stored KID draw %s is not this draw's; drawing it again", draw.key)
-        return None
-    return kept
+    return rows[0].astype(np.int64), rows[1].astype(np.int64)

@@ -416,12 +416,13 @@ def record_shard_failure(sessions: Sessions, job_id: str, side: str, index: int,
             _fail(s, job_id, f"shard {side}/{index} failed: {error}")
 
 
-def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], max_recomputes: int) -> list[tuple[str, int]]:
-    """reducing → running with the shards whose partials were lost back to pending; after `max_recomputes`
-    such rounds the job fails instead. Returns the shards to run again (none when it failed)."""
+def requeue_lost(sessions: Sessions, job_id: str, lost: list[tuple[str, int]], max_recomputes: int, *,
+                 why: str | None = None) -> list[tuple[str, int]]:
+    """reducing → running with the shards whose partials were lost (or unusable: `why`) back to pending; after
+    `max_recomputes` such rounds the job fails instead. Returns the shards to run again (none when it failed)."""
     with sessions.begin() as s:
         job = s.get(Job, job_id, with_for_update=True)
-        plan = _another_round(job, f"partial statistics of shards {lost} were lost", max_recomputes)
+        plan = _another_round(job, why or f"partial statistics of shards {lost} were lost", max_recomputes)
         if plan is None:
             return []
         job.plan = plan.to_dict()

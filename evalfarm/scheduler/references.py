@@ -41,6 +41,8 @@ def store_reference(
     store: FeatureStore, key: str, stats: FeatureStats, *, content_hash: str, weights_sha256: str, resize: str
 ) -> None:
     """Write atomically, with the digest of the arrays beside what they depend on."""
+    if stats.row_index is not None:  # a reference serves any later job's draw: it keeps every row
+        raise ValueError("reference statistics must keep every feature row, not only one KID draw's")
     stats.meta = {"content_hash": content_hash, "weights_sha256": weights_sha256, "resize": resize,
                   "sha256": stats.digest()}
     with store.writer(key) as f:  # streamed: a reference's rows are never assembled to be written
@@ -60,6 +62,8 @@ def load_reference(store: FeatureStore, key: str, weights_sha256: str, resize: s
     except Exception as exc:  # truncated, not a zip, wrong keys or dtypes, pickled arrays: never trusted
         raise CorruptCache(path, f"unreadable ({type(exc).__name__})") from exc
     check_compatible(what, stats.meta.get("weights_sha256"), stats.meta.get("resize"), weights_sha256, resize)
+    if stats.row_index is not None:
+        raise CorruptCache(path, "not a whole reference (they keep only some feature rows)")
     if "sha256" not in stats.meta:  # written before caches carried digests: sealed now, checked from now on
         log.warning("cached reference statistics %s carry no digest (an older evalfarm wrote them); adding one", path)
         try:  # read whole once, so that the zip's own checksums vouch for what is sealed

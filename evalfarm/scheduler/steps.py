@@ -391,10 +391,8 @@ def _reduce(ctx: Context, job: JobSnapshot, pending_s: float) -> ReduceOutcome:
             try:
                 computed[extractor] = compute_metrics(config, sides[SAMPLES], sides.get(REFERENCE), extractor,
                                                       prc=done)
-            except RowNotKept as exc:  # only a stored draw that was altered gets here: drop it for the next run
-                key = kid_rows.forget(ctx.store, kid_rows.draw_of(job))
-                raise JobError(f"{exc}. The KID draw stored in the feature store ({key}) was not this job's; "
-                               "it is removed: submit the job again") from exc
+            except RowNotKept as exc:
+                return _kept_other_rows(ctx, job, extractor, exc)
         del sides
     if lost:
         return ReduceOutcome(recompute=tuple(records.requeue_lost(ctx.sessions, job_id, sorted(lost), MAX_RECOMPUTES)))
@@ -410,6 +408,22 @@ def _reduce(ctx: Context, job: JobSnapshot, pending_s: float) -> ReduceOutcome:
     if won:
         ctx.partials.drop(job_id)
     return ReduceOutcome(result)
+
+
+def _kept_other_rows(ctx: Context, job: JobSnapshot, extractor: str, exc: RowNotKept) -> ReduceOutcome:
+    """KID drew a row its shards did not keep. When the stored draw they read was wrong (another draw's rows in
+    a whole file: nothing else writes one), the right one replaces it and those sides' shards run again;
+    anything else is a fault of the farm's, reported as such rather than recomputed for ever."""
+    draw = kid_rows.draw_of(job)
+    if not kid_rows.redraw(ctx.store, draw):
+        raise JobError(f"{exc}, although the stored KID draw {ctx.store.describe(draw.key)} is this job's: "
+                       "an evalfarm fault; please report it") from exc
+    log.warning("job %s: the stored KID draw %s was not this job's; replaced, and the shards run again", job.id,
+                draw.key)
+    again = [(side, i) for side in SIDES if kid_rows.kid_only(job, side, extractor)
+             and job.plan.side(side).how is SideSource.SHARDS for i in range(len(job.plan.side(side).shards))]
+    return ReduceOutcome(recompute=tuple(records.requeue_lost(
+        ctx.sessions, job.id, again, MAX_RECOMPUTES, why=f"the KID draw {draw.key} in the feature store was wrong")))
 
 
 def _live(ctx: Context, job_id: str) -> bool:

@@ -114,6 +114,23 @@ class FeatureStore:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False))
 
+    def signature(self, key: str) -> str | None:
+        """What changes when `key` is written again (inode, size and modification time; a remote store's ETag or
+        time); None when it is missing. Lets a process keep what it read while the value is the same."""
+        if self.fs is None:
+            try:
+                st = os.stat(self._path(key))
+            except FileNotFoundError:
+                return None
+            return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+        try:
+            info = self.fs.info(self._path(key))
+        except FileNotFoundError:
+            return None
+        stamp = next((info[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "last_modified",
+                                        "updated", "created") if info.get(k) is not None), None)
+        return f"{info.get('size')}:{stamp}"
+
     def modified_before(self, prefix: str, cutoff: float) -> list[str]:
         """Keys directly under `prefix` last written before `cutoff` (seconds since the epoch). A remote store
         that gives no modification times answers none: nothing is removed on a guess."""
