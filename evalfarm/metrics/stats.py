@@ -4,10 +4,9 @@ For features X (n×d) and, on the samples side, the logits of each sample's IS s
 XᵀX in float64 (FID), per-split n, Σp and Σ Σ_y p·log p (IS), and optionally the float32 rows of X
 (KID), all of them or those at `row_index`. Every sum merges by `+`, so merging shards in a fixed order
 gives the statistics of the whole set up to float64 rounding, whatever the number of shards (stylegan3's
-`FeatureStats` idea). One encoding,
-`.npz` without pickles, serves partials and cached references alike. It holds the symmetric Gram as its
-packed upper triangle (`gram_upper`): half the bytes, written from `syrk`'s triangle without mirroring it,
-since writing a shard's partial is the farm's main cost per shard.
+`FeatureStats` idea). One encoding, `.npz` without pickles, serves partials and cached references alike. It
+holds the symmetric Gram as its packed upper triangle (`gram_upper`): half the bytes, written from `syrk`'s
+triangle without mirroring it, since writing a shard's partial is the farm's main cost per shard.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ another draw are found there, and never stand in for the rows KID drew.
 The draw permutes each side's rows once per subset (7 s for a million samples: planning, which must take
 seconds, does not compute it), so the first shard that needs it computes it once per parameter set and keeps
 it in the feature store under `kid-draws/`, where every worker (and the next evaluation of the same sizes,
-as a training run makes) reads it; each process also keeps the last few. A
-stored draw that is damaged is drawn again; one that is whole but wrong (another draw's rows) is found by the
-reducer, which stores the right one and has the side's shards run again (`redraw`).
+as a training run makes) reads it; each process also keeps the last few. A stored draw that is damaged is
+drawn again; one that is whole but wrong (another draw's rows) is found by the reducer, which stores the
+right one and has the side's shards run again (`redraw`).
 """
 
 from __future__ import annotations
