@@ -90,8 +90,12 @@ class DigestPartials:
     def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> None:
         return None  # rows stay in the statistics, encoded with them
 
-    def put(self, job_id: str, side: str, shard: int, parts: dict[str, FeatureStats], rows: object = None) -> None:
-        assert not rows
+    def reserve_stats(self, job_id: str, side: str, shard: int, extractor: str, nbytes: int) -> None:
+        return None  # statistics are bytes in memory here
+
+    def put(self, job_id: str, side: str, shard: int, parts: dict[str, FeatureStats], rows: object = None,
+            reserved: object = None) -> None:
+        assert not rows and not reserved
         data = parts[INCEPTION].to_bytes()  # these jobs use Inception alone
         self._blobs[(job_id, side, shard)] = data
         self._digests[(job_id, side, shard)] = hashlib.sha256(data).hexdigest()

@@ -348,6 +348,11 @@ class FeatureStats:
         return stats
 
 
+def encoded_size(dim: int) -> int:
+    """About the bytes of a shard's statistics without rows: their packed Gram triangle (the rest is small)."""
+    return dim * (dim + 1) // 2 * 8
+
+
 def unpack_upper(packed: np.ndarray, dim: int) -> np.ndarray:
     """The Fortran-ordered (dim, dim) upper triangle, zeros below, of `gram_upper` (see `upper_columns`)."""
     if packed.shape != (dim * (dim + 1) // 2,):

@@ -5,7 +5,8 @@ The farm cannot put them in Redis whole: one shard's XᵀX is 2048² float64 = 3
 triangle stored), and a thousand of those would make Redis' memory unpredictable. So the shard's
 `FeatureStats` encoding and its feature rows go to the feature store as files, streamed and hashed in one
 pass, and Redis holds a small record per shard with their SHA-256 digests. (A shard knows before it starts
-that its rows are kept, so it streams them to their file while it runs: `spool_rows`.) A reducer that finds
+that its rows are kept, so it streams them to their file while it runs: `spool_rows`; and it reserves its
+statistics' file, whose pages are written while it runs: `reserve_stats`.) A reducer that finds
 the record missing (Redis restarted or flushed), a file missing, or a digest that differs gets None, and the
 shard is recomputed instead of guessed. The embedded runner writes the same files to a private directory and keeps
 the records in memory (`LocalPartials`), so its memory, too, does not grow with the number of shards.
@@ -16,20 +17,21 @@ that they are written, replaced and lost together.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import math
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from evalfarm.errors import JobError
 from evalfarm.keys import INCEPTION
 from evalfarm.metrics import FeatureStats
 from evalfarm.scheduler.row_files import NpyFileRows
 from evalfarm.scheduler.row_spool import RowSpool
-from evalfarm.scheduler.store import FeatureStore, HashingWriter
+from evalfarm.scheduler.store import FeatureStore, HashingWriter, Reserved
 
 if TYPE_CHECKING:
     import redis
@@ -45,10 +47,15 @@ class PartialStore(Protocol):
         """A file to write the shard's rows of `extractor` into while it runs, handed back to `put` (or
         aborted); None when this store keeps rows in the statistics instead."""
 
+    def reserve_stats(self, job_id: str, side: str, shard: int, extractor: str, nbytes: int) -> Reserved | None:
+        """The file of the shard's statistics of `extractor`, reserved while it runs (`store.Reserved`) and
+        handed back to `put` (or aborted); None when this store keeps no files."""
+
     def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
-            rows: Mapping[str, RowSpool] | None = None) -> None:
+            rows: Mapping[str, RowSpool] | None = None, reserved: Mapping[str, Reserved] | None = None) -> None:
         """Record a finished shard's statistics per extractor, with its feature rows when kept: in the
-        statistics, or in `rows`, the spools of this shard, which `put` closes."""
+        statistics, or in `rows`, the spools of this shard, which `put` closes. `reserved` are the statistics'
+        reserved files, which `put` writes."""
 
     def get(self, job_id: str, side: str, shard: int, *, features: bool,
             extractor: str = INCEPTION) -> FeatureStats | None:
@@ -103,14 +110,18 @@ class LocalPartials:
     def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> RowSpool | None:
         return None if self.store is None else spool_shard_rows(self.store, job_id, side, shard, extractor, n, dim)
 
+    def reserve_stats(self, job_id: str, side: str, shard: int, extractor: str, nbytes: int) -> Reserved | None:
+        return None if self.store is None else reserve_shard_stats(self.store, job_id, side, shard, extractor, nbytes)
+
     def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
-            rows: Mapping[str, RowSpool] | None = None) -> None:
+            rows: Mapping[str, RowSpool] | None = None, reserved: Mapping[str, Reserved] | None = None) -> None:
         if self.store is None:
-            if rows:
-                raise ValueError("rows spooled to a partial store that keeps no files")
+            if rows or reserved:
+                raise ValueError("files spooled or reserved in a partial store that keeps no files")
             self._items[(job_id, side, shard)] = dict(parts)
         else:
-            self._records[(job_id, side, shard)] = write_shard_files(self.store, job_id, side, shard, parts, rows)
+            self._records[(job_id, side, shard)] = write_shard_files(self.store, job_id, side, shard, parts, rows,
+                                                                     reserved)
 
     def get(self, job_id: str, side: str, shard: int, *, features: bool,
             extractor: str = INCEPTION) -> FeatureStats | None:
@@ -208,8 +219,8 @@ def read_blob(store: FeatureStore, job_id: str, name: str, digest: str | None) -
     return data if _digest(data) == digest else None
 
 
-def _write_hashed(store: FeatureStore, key: str, write: Callable[[HashingWriter], None]) -> str:
-    with store.writer(key) as f:
+def _write_hashed(opened: contextlib.AbstractContextManager[IO[bytes]], write: Callable[[HashingWriter], None]) -> str:
+    with opened as f:
         hashed = HashingWriter(f, threaded=True)
         try:
             write(hashed)
@@ -224,12 +235,22 @@ def spool_shard_rows(store: FeatureStore, job_id: str, side: str, shard: int, ex
     return RowSpool(store, _file(job_id, side, shard, _what(extractor, "features.npy")), n, dim)
 
 
+def reserve_shard_stats(store: FeatureStore, job_id: str, side: str, shard: int, extractor: str,
+                        nbytes: int) -> Reserved:
+    """The shard's statistics file of `extractor`, reserved while the shard runs (see `store.Reserved`)."""
+    return store.reserve(_file(job_id, side, shard, _what(extractor, "stats.npz")), nbytes)
+
+
 def write_shard_files(store: FeatureStore, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
-                      rows: Mapping[str, RowSpool] | None = None) -> dict[str, str | int]:
+                      rows: Mapping[str, RowSpool] | None = None,
+                      reserved: Mapping[str, Reserved] | None = None) -> dict[str, str | int]:
     """Write a shard's statistics (and rows, when kept) per extractor; returns the record of their digests.
     Rows spooled while the shard ran (`rows`, closed here) are taken as they are; the spool and the
-    statistics must agree on the number of rows."""
-    rows = rows or {}
+    statistics must agree on the number of rows. Statistics with a `reserved` file are written into it."""
+    rows, reserved = rows or {}, reserved or {}
+    for extractor, held in reserved.items():
+        if extractor not in parts or held.key != _file(job_id, side, shard, _what(extractor, "stats.npz")):
+            raise ValueError(f"{held.key} is not the statistics file of shard {side}/{shard} of job {job_id}")
     record: dict[str, str | int] = {}
     for extractor, spool in rows.items():
         stats = parts.get(extractor)
@@ -240,11 +261,11 @@ def write_shard_files(store: FeatureStore, job_id: str, side: str, shard: int, p
         record[_what(extractor, "features.npy")] = spool.close()
     for extractor, stats in parts.items():
         what = _what(extractor, "stats.npz")
-        record[what] = _write_hashed(store, _file(job_id, side, shard, what),
-                                     lambda out, stats=stats: stats.write(out, features=False))
+        opened = reserved[extractor].writer() if extractor in reserved else store.writer(_file(job_id, side, shard, what))
+        record[what] = _write_hashed(opened, lambda out, stats=stats: stats.write(out, features=False))
         if stats.keep_features:
             what = _what(extractor, "features.npy")
-            record[what] = _write_hashed(store, _file(job_id, side, shard, what), stats.write_rows)
+            record[what] = _write_hashed(store.writer(_file(job_id, side, shard, what)), stats.write_rows)
         record["n"] = stats.n
     return record
 
@@ -334,9 +355,12 @@ class RedisPartials:
     def spool_rows(self, job_id: str, side: str, shard: int, extractor: str, n: int, dim: int) -> RowSpool:
         return spool_shard_rows(self.store, job_id, side, shard, extractor, n, dim)
 
+    def reserve_stats(self, job_id: str, side: str, shard: int, extractor: str, nbytes: int) -> Reserved:
+        return reserve_shard_stats(self.store, job_id, side, shard, extractor, nbytes)
+
     def put(self, job_id: str, side: str, shard: int, parts: Mapping[str, FeatureStats],
-            rows: Mapping[str, RowSpool] | None = None) -> None:
-        record = write_shard_files(self.store, job_id, side, shard, parts, rows)
+            rows: Mapping[str, RowSpool] | None = None, reserved: Mapping[str, Reserved] | None = None) -> None:
+        record = write_shard_files(self.store, job_id, side, shard, parts, rows, reserved)
         key = self._key(job_id, side, shard)
         with self.redis.pipeline() as p:  # overwrite, never add: a shard that ran twice leaves one record
             p.delete(key)

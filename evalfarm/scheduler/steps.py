@@ -23,6 +23,7 @@ from evalfarm.db import FINAL_STATES, JobState, Shard
 from evalfarm.errors import JobCancelled, JobError, MetricInputError, SourceError, WeightsError
 from evalfarm.metrics import FeatureStats, split_assignment
 from evalfarm.metrics.rows import RowNotKept
+from evalfarm.metrics.stats import encoded_size
 from evalfarm.models.featurizers import Featurizer, canonical_weights
 from evalfarm.pipeline import compute_metrics, featurize_extractors, kid_subset_size, merge_in_order
 from evalfarm.scheduler import kid_rows, prc_tiles, records
@@ -206,6 +207,12 @@ def run_shard(
                 if spool is not None:
                     rows[e] = spool
                     spooled.callback(spool.abort)
+            reserved = {}  # the statistics' files, their pages written while the shard runs (`store.Reserved`)
+            for e in config.featurizers:
+                held_file = ctx.partials.reserve_stats(job_id, side, index, e, encoded_size(held[e].dim))
+                if held_file is not None:
+                    reserved[e] = held_file
+                    spooled.callback(held_file.abort)
             t0 = time.perf_counter()
             stats = featurize_extractors(
                 source, claim.start, claim.stop, [held[e] for e in config.featurizers],
@@ -217,7 +224,7 @@ def run_shard(
         if lease.stopped():  # a beat saw the job end, or the claim lost, after the loop's last check
             raise JobCancelled("the job was cancelled")
         try:
-            ctx.partials.put(job_id, side, index, stats, rows)
+            ctx.partials.put(job_id, side, index, stats, rows, reserved)
         except OSError:  # a cancel drops the job's directory, perhaps under the files being written
             if not _ended(ctx, job_id):
                 raise

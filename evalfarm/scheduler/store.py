@@ -87,6 +87,11 @@ class FeatureStore:
                     self.fs.rm(tmp)
                 raise
 
+    def reserve(self, key: str, nbytes: int) -> Reserved:
+        """A writer for `key` whose file's first `nbytes` are written (zeros, by a thread) from now on, so that its
+        real write later only overwrites pages the page cache holds already (see `Reserved`)."""
+        return Reserved(self, key, nbytes)
+
     @contextlib.contextmanager
     def reader(self, key: str) -> Iterator[IO[bytes]]:
         """`key` as a file to read in steps (FileNotFoundError when it is missing)."""
@@ -171,6 +176,69 @@ class FeatureStore:
         elif self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+
+
+class Reserved:
+    """A file of the store, reserved before its content exists: a shard reserves its statistics' file when it
+    starts, and a thread writes zeros over its expected size while the shard featurizes. The statistics are
+    written over those pages when the shard ends. On the benchmark VM a new 16 MiB file took 4-43 ms to write
+    (the kernel finding pages for the page cache) and the same bytes over cached pages 2 ms; that write is on
+    the shard's critical path, the reservation is not. A remote store reserves nothing."""
+
+    _ZEROS = bytes(1 << 20)
+
+    def __init__(self, store: FeatureStore, key: str, nbytes: int) -> None:
+        self.store, self.key = store, key
+        self._tmp: str | None = None
+        self._fill: threading.Thread | None = None
+        self._stop = threading.Event()
+        path = store.local_path(key)
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+        self._file = os.fdopen(fd, "r+b")
+        self._fill = threading.Thread(target=self._zero, args=(fd, nbytes), name=f"reserve {key}", daemon=True)
+        self._fill.start()
+
+    def _zero(self, fd: int, nbytes: int) -> None:
+        with contextlib.suppress(OSError):  # a disk that is full now fails the real write, with its own error
+            for at in range(0, nbytes, len(self._ZEROS)):
+                if self._stop.is_set():
+                    return
+                os.pwrite(fd, self._ZEROS[: min(len(self._ZEROS), nbytes - at)], at)
+
+    @contextlib.contextmanager
+    def writer(self) -> Iterator[IO[bytes]]:
+        """`FeatureStore.writer` of the key, over the reserved file: whole under its key when the block ends."""
+        if self._tmp is None:
+            with self.store.writer(self.key) as f:
+                yield f
+            return
+        self._fill.join()
+        tmp, self._tmp = self._tmp, None
+        try:
+            self._file.seek(0)
+            yield self._file
+            self._file.truncate()  # at what was written: the zeros beyond it go
+            self._file.close()
+            os.replace(tmp, self.store.local_path(self.key))
+        except BaseException:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+            raise
+
+    def abort(self) -> None:
+        """Give the reservation up (the shard failed, or never wrote it); nothing is left under the key."""
+        if self._tmp is None:
+            return
+        self._stop.set()
+        self._fill.join()
+        self._file.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(self._tmp)
+        self._tmp = None
 
 
 class ThreadedCalls:
