@@ -88,9 +88,11 @@ def side_rows(store: FeatureStore, draw: Draw) -> tuple[np.ndarray, np.ndarray]:
     key = (store.root, draw)
     with _lock:
         hit = _cached.get(key)
-    if hit is not None and (hit[1] is None or hit[1] == store.signature(draw.key)):
+    if hit is not None and hit[1] is None:
         return hit[0]
-    signature = store.signature(draw.key)
+    signature = store.signature(draw.key)  # one stat (or remote `info`) per call, read once
+    if hit is not None and hit[1] == signature:
+        return hit[0]
     rows = _load(store, draw) if signature is not None else None
     if rows is None:
         rows, signature = draw.rows(), None

@@ -198,8 +198,9 @@ def run_shard(
         with Lease(beat, JobState.RUNNING, heartbeat_s) as lease:
             # Rows that serve KID alone: only those it draws are kept (the first shard of a new draw computes it,
             # 7 s at a million samples: under the lease).
-            drawn = {e: kid_rows.shard_rows(ctx.store, job, side, claim.start, claim.stop) for e in kept
-                     if kid_rows.kid_only(job, side, e)}
+            thinned = [e for e in kept if kid_rows.kid_only(job, side, e)]  # one draw serves every extractor
+            drawn = dict.fromkeys(thinned, kid_rows.shard_rows(ctx.store, job, side, claim.start, claim.stop)
+                                  if thinned else None)
             rows = {}  # the kept rows stream to their files while the shard runs; a shard that fails leaves none
             for e in sorted(kept):
                 n_rows = len(drawn[e]) if e in drawn else claim.stop - claim.start
